@@ -1,0 +1,101 @@
+"""Data layer: load records, render and tokenize formats, pack or pad, and the LightningDataModules.
+
+The DataModules are imported lazily: importing Lightning takes seconds, and code that only tokenizes or
+packs (tests, generation callbacks) should not pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lit_ft.data.formats import (
+    ALPACA_PROMPT_NO_INPUT,
+    ALPACA_PROMPT_WITH_INPUT,
+    BUILTIN_CHAT_TEMPLATE,
+    FORMATS,
+    IGNORE_INDEX,
+    Prompt,
+    Segment,
+    detect_format,
+    format_alpaca_prompt,
+    format_prompt,
+    record_segments,
+    resolve_format,
+    tokenize_record,
+    tokenize_segments,
+)
+from lit_ft.data.packing import (
+    DataStats,
+    ExampleStore,
+    OverlongResult,
+    PackedCollator,
+    PackedDataset,
+    PaddedCollator,
+    PaddedDataset,
+    example_lengths_from_attention_mask,
+    example_lengths_from_position_ids,
+    handle_overlong,
+    pack,
+    packed_stats,
+    padded_stats,
+)
+from lit_ft.data.sources import (
+    DataError,
+    Location,
+    format_error,
+    load_records,
+    load_records_with_locations,
+    looks_like_path,
+)
+
+if TYPE_CHECKING:
+    from lit_ft.data.datamodule import InstructionDataModule, PretrainDataModule, SeededShuffleSampler
+
+_LAZY = {"InstructionDataModule", "PretrainDataModule", "SeededShuffleSampler"}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the DataModule names on first use (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module("lit_ft.data.datamodule"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = [
+    "ALPACA_PROMPT_NO_INPUT",
+    "ALPACA_PROMPT_WITH_INPUT",
+    "BUILTIN_CHAT_TEMPLATE",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "DataError",
+    "DataStats",
+    "ExampleStore",
+    "InstructionDataModule",
+    "Location",
+    "OverlongResult",
+    "PackedCollator",
+    "PackedDataset",
+    "PaddedCollator",
+    "PaddedDataset",
+    "PretrainDataModule",
+    "Prompt",
+    "SeededShuffleSampler",
+    "Segment",
+    "detect_format",
+    "example_lengths_from_attention_mask",
+    "example_lengths_from_position_ids",
+    "format_alpaca_prompt",
+    "format_error",
+    "format_prompt",
+    "handle_overlong",
+    "load_records",
+    "load_records_with_locations",
+    "looks_like_path",
+    "pack",
+    "packed_stats",
+    "padded_stats",
+    "record_segments",
+    "resolve_format",
+    "tokenize_record",
+    "tokenize_segments",
+]

@@ -1,0 +1,306 @@
+"""LightningDataModules for instruction tuning (SFT) and raw-text pre-training."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lit_ft.data.formats import FORMATS, resolve_format, tokenize_record
+from lit_ft.data.packing import (
+    DataStats,
+    ExampleStore,
+    PackedCollator,
+    PackedDataset,
+    PaddedCollator,
+    PaddedDataset,
+    handle_overlong,
+    pack,
+    packed_stats,
+    padded_stats,
+)
+from lit_ft.data.sources import DataError, Location, load_records_with_locations
+
+log = logging.getLogger("lit_ft")
+
+PROGRESS_BAR_MIN_RECORDS = 10_000  # below this, tokenizing takes a second or two: no bar needed
+PAD_TO_MULTIPLE_OF = 8  # tensor-core friendly batch widths
+
+
+class SeededShuffleSampler(Sampler[int]):
+    """Shuffles ``range(n)`` with a torch Generator seeded by ``seed + epoch``.
+
+    Lightning calls :meth:`set_epoch` each epoch, so the order of every epoch is a pure function of the
+    seed and the epoch number: a resumed run sees the same order as an uninterrupted one.
+    """
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Loads, tokenizes, and packs (or pads) instruction data for supervised fine-tuning."""
+
+    def __init__(
+        self,
+        source: str | None = None,
+        format: str = "auto",
+        split: str = "train",
+        val_source: str | None = None,
+        val_split_fraction: float = 0.05,
+        max_seq_length: int = 512,
+        packing: bool = True,
+        overlong: str = "truncate",
+        micro_batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 42,
+        max_examples: int | None = None,
+        chat_template: str | None = None,
+        subset: str | None = None,
+        val_split: str | None = None,
+        tokenizer: Any = None,
+    ):
+        """
+        Args:
+            source: Local file (.json, .jsonl, .json.gz, .jsonl.gz, .parquet), datasets-loadable directory,
+                or hub dataset id such as ``tatsu-lab/alpaca``. None uses the module's embedded data.
+            format: auto (detect from the keys), alpaca, chat, prompt_completion or text.
+            split: Split of a hub dataset or directory to train on (ignored for single files).
+            val_source: Separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
+            val_split_fraction: Fraction of the training records held out for validation (0 disables).
+            max_seq_length: Longest sequence (packed row or single example) in tokens.
+            packing: Pack several examples per row (position ids restart per example) instead of padding.
+            overlong: What to do with examples longer than max_seq_length: truncate or drop.
+            micro_batch_size: Rows per batch on each device.
+            num_workers: DataLoader worker processes (0 loads in the main process).
+            seed: Seed for the validation split and the per-epoch shuffle.
+            max_examples: Use only the first this many records of ``source`` (before the validation split).
+            chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces the built-in
+                Mistral-instruct template.
+            subset: Configuration name of a hub dataset.
+            val_split: Split of ``val_source`` to use (default: ``split``).
+            tokenizer: Tokenizer to use; None takes the attached LightningModule's ``tokenizer``.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        if format != "auto" and format not in FORMATS:
+            raise DataError(f"unknown format '{format}' (expected auto, {', '.join(FORMATS)})")
+        if overlong not in ("truncate", "drop"):
+            raise DataError(f"overlong must be 'truncate' or 'drop', got '{overlong}'")
+        if not 0.0 <= val_split_fraction < 1.0:
+            raise DataError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}")
+        if max_seq_length < 2 or micro_batch_size < 1:
+            raise DataError("max_seq_length must be >= 2 and micro_batch_size >= 1")
+        self.source = source
+        self.format = format
+        self.split = split
+        self.val_source = val_source
+        self.val_split_fraction = val_split_fraction
+        self.max_seq_length = max_seq_length
+        self.packing = packing
+        self.overlong = overlong
+        self.micro_batch_size = micro_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.max_examples = max_examples
+        self.chat_template = chat_template
+        self.subset = subset
+        self.val_split = val_split
+        self.tokenizer = tokenizer
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.stats_train: DataStats | None = None
+        self.stats_val: DataStats | None = None
+        self.eval_records: list[dict] = []
+        self.train_format: str | None = None
+        self.val_format: str | None = None
+
+    def embedded_records(self) -> tuple[list[dict], list[dict]]:
+        """(train, held-out) records used when ``source`` is None; subclasses with built-in data override."""
+        raise DataError("no data source given: set data.source to a file or hub dataset id")
+
+    def resolve_tokenizer(self) -> Any:
+        """The tokenizer given at construction, else the attached LightningModule's."""
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            self.tokenizer = getattr(module, "tokenizer", None)
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer: pass tokenizer= or attach a LightningModule with a .tokenizer")
+        return self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, tokenize and pack both splits once; later calls (validate after fit) are no-ops."""
+        if self.train_dataset is not None:
+            return
+        tokenizer = self.resolve_tokenizer()
+        train, train_loc, val, val_loc = self._load_splits()
+        self.eval_records = list(val)
+        self.train_format = self._resolve_format(train, train_loc)
+        self.train_dataset, self.stats_train = self._build("train", train, train_loc, self.train_format, tokenizer)
+        if self.stats_train.examples == 0:
+            raise DataError(f"no usable training examples ({self.stats_train.dropped} of {len(train)} dropped with "
+                            f"overlong={self.overlong}, max_seq_length={self.max_seq_length})",
+                            self.source or "<embedded data>")
+        self.val_format = self._resolve_format(val, val_loc)  # a separate val source may use another format
+        self.val_dataset, self.stats_val = self._build("val", val, val_loc, self.val_format, tokenizer)
+        for stats in (self.stats_train, self.stats_val):
+            log.info("data %s", stats)
+            if rank_zero_only.rank == 0:
+                print(f"[data] {stats}")
+
+    def _load_splits(self) -> tuple[list[dict], list[Location], list[dict], list[Location]]:
+        """Train and held-out records with locations: embedded, a separate val source, or a random split."""
+        if self.source is None:
+            train, val = self.embedded_records()
+            train = train[: self.max_examples] if self.max_examples is not None else train
+            return (train, [Location("<embedded train>", row=i) for i in range(len(train))],
+                    val, [Location("<embedded val>", row=i) for i in range(len(val))])
+        records, locations = load_records_with_locations(self.source, self.split, self.subset)
+        if self.max_examples is not None:
+            records, locations = records[: self.max_examples], locations[: self.max_examples]
+        if not records:
+            raise DataError("no records", self.source)
+        if self.val_source is not None:
+            val, val_loc = load_records_with_locations(self.val_source, self.val_split or self.split, self.subset)
+            return records, locations, val, val_loc
+        n_val = round(len(records) * self.val_split_fraction)
+        if self.val_split_fraction > 0 and len(records) > 1:
+            n_val = min(max(n_val, 1), len(records) - 1)  # at least one on each side
+        held_out = set(random.Random(self.seed).sample(range(len(records)), n_val))
+        train = [i for i in range(len(records)) if i not in held_out]
+        val = sorted(held_out)
+        return ([records[i] for i in train], [locations[i] for i in train],
+                [records[i] for i in val], [locations[i] for i in val])
+
+    def _resolve_format(self, records: list[dict], locations: list[Location]) -> str:
+        """The explicit format, or the one detected from the first record (then required of all)."""
+        if self.format != "auto" or not records:
+            return self.format  # an empty split tokenizes nothing, so "auto" can stay unresolved
+        return resolve_format("auto", records[0], locations[0])
+
+    def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
+               tokenizer: Any) -> tuple[Dataset, DataStats]:
+        """Tokenize, apply the overlong policy, then pack or pad one split."""
+        examples = [tokenize_record(record, tokenizer, fmt, self.chat_template, location)
+                    for record, location in _progress(records, locations, name)]
+        kept = handle_overlong(examples, self.max_seq_length, self.overlong)
+        store = ExampleStore(kept.examples)
+        if self.packing:
+            rows = pack(store.lengths.tolist(), self.max_seq_length)
+            stats = packed_stats(name, store, rows, self.max_seq_length, kept.truncated, kept.dropped)
+            return PackedDataset(store, rows), stats
+        stats = padded_stats(name, store, self.micro_batch_size, PAD_TO_MULTIPLE_OF, kept.truncated, kept.dropped)
+        return PaddedDataset(store), stats
+
+    def _collator(self) -> PackedCollator | PaddedCollator:
+        """The collator for the layout in use; pads with the pad id (unk when the tokenizer has no pad)."""
+        tokenizer = self.resolve_tokenizer()
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.unk_token_id
+        if pad_id is None:
+            raise RuntimeError("tokenizer has neither a pad nor an unk token to pad with")
+        collator_cls = PackedCollator if self.packing else PaddedCollator
+        return collator_cls(pad_token_id=pad_id, pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
+
+    def train_dataloader(self) -> DataLoader:
+        """Rows shuffled per epoch with a generator seeded from ``seed`` (deterministic on resume)."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        return DataLoader(self.train_dataset, batch_size=self.micro_batch_size,
+                          sampler=SeededShuffleSampler(len(self.train_dataset), self.seed),
+                          collate_fn=self._collator(), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out rows in a fixed order (empty when no validation data)."""
+        if self.val_dataset is None:
+            self.setup("validate")
+        return DataLoader(self.val_dataset, batch_size=self.micro_batch_size, shuffle=False,
+                          collate_fn=self._collator(), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Enough to check on resume that the data pipeline is the same one."""
+        return {"seed": self.seed, "format": self.train_format, "max_seq_length": self.max_seq_length,
+                "packing": self.packing}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when a checkpoint was trained with a different data layout."""
+        mine = self.state_dict()
+        changed = [k for k, v in state_dict.items() if k in mine and mine[k] is not None and mine[k] != v]
+        if changed:
+            log.warning("data settings differ from the checkpoint: %s",
+                        ", ".join(f"{k} {state_dict[k]!r} -> {mine[k]!r}" for k in changed))
+
+
+class PretrainDataModule(InstructionDataModule):
+    """Raw-text pre-training: format forced to ``text`` (records need a ``text`` field), packed, loss on all."""
+
+    def __init__(
+        self,
+        source: str | None = None,
+        split: str = "train",
+        val_source: str | None = None,
+        val_split_fraction: float = 0.05,
+        max_seq_length: int = 512,
+        packing: bool = True,
+        overlong: str = "truncate",
+        micro_batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 42,
+        max_examples: int | None = None,
+        subset: str | None = None,
+        val_split: str | None = None,
+        tokenizer: Any = None,
+    ):
+        """
+        Args:
+            source: Local file, datasets-loadable directory or hub dataset id with a ``text`` field.
+            split: Split of a hub dataset or directory to train on (ignored for single files).
+            val_source: Separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
+            val_split_fraction: Fraction of the training records held out for validation (0 disables).
+            max_seq_length: Row length in tokens; longer documents are truncated or dropped.
+            packing: Pack several documents per row (the efficient default for pre-training).
+            overlong: What to do with documents longer than max_seq_length: truncate or drop.
+            micro_batch_size: Rows per batch on each device.
+            num_workers: DataLoader worker processes (0 loads in the main process).
+            seed: Seed for the validation split and the per-epoch shuffle.
+            max_examples: Use only the first this many records of ``source``.
+            subset: Configuration name of a hub dataset.
+            val_split: Split of ``val_source`` to use (default: ``split``).
+            tokenizer: Tokenizer to use; None takes the attached LightningModule's ``tokenizer``.
+        """
+        super().__init__(source=source, format="text", split=split, val_source=val_source,
+                         val_split_fraction=val_split_fraction, max_seq_length=max_seq_length, packing=packing,
+                         overlong=overlong, micro_batch_size=micro_batch_size, num_workers=num_workers,
+                         seed=seed, max_examples=max_examples, chat_template=None, subset=subset,
+                         val_split=val_split, tokenizer=tokenizer)
+
+
+def _progress(records: list[dict], locations: list[Location], name: str) -> Iterator[tuple[dict, Location]]:
+    """Pair records with locations, behind a progress bar for large sets."""
+    pairs = zip(records, locations)
+    if len(records) < PROGRESS_BAR_MIN_RECORDS:
+        return iter(pairs)
+    from tqdm.auto import tqdm  # deferred: only large sets need it
+
+    return iter(tqdm(pairs, total=len(records), desc=f"tokenizing {name}", unit="ex"))

@@ -1,0 +1,346 @@
+"""Turn records into supervised token sequences.
+
+A record is first rendered into :class:`Segment` s of text, each marked supervised or not; every segment is
+tokenized on its own and the ids are concatenated, so prompt/response boundaries are exact (a response
+token never straddles the prompt). BOS and EOS are added as ids, never as text: every example starts with
+BOS (label -100) and each response ends with a supervised EOS so the model learns to stop.
+
+Sentencepiece tokenizers (Mistral, Llama 2) put a word-boundary marker in front of every string they
+encode. A segment that continues text is therefore encoded without it (the torchtune "trim leading
+whitespace" trick), so the concatenated segment texts are exactly the rendered template and the ids
+match tokenizing the whole string at once; a segment that follows BOS/EOS keeps the marker, as a
+whole-string encode does after a special token.
+
+Formats: ``alpaca`` (instruction/input/output), ``chat`` (messages), ``prompt_completion`` and ``text``
+(raw pre-training text, every token supervised).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from lit_ft.data.sources import DataError, Location
+
+IGNORE_INDEX = -100  # label value ignored by torch cross-entropy
+FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+# Passing this as ``chat_template`` forces the built-in Mistral-instruct-like template even when the
+# tokenizer carries its own.
+BUILTIN_CHAT_TEMPLATE = "builtin"
+
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class Segment(NamedTuple):
+    """A piece of rendered text; ``eos`` appends the EOS id (with the same supervision) after it."""
+
+    text: str
+    supervised: bool
+    eos: bool = False
+
+
+@dataclass
+class Prompt:
+    """What a generator is given for a record: the prompt text, its ids (with BOS) and the reference."""
+
+    text: str
+    input_ids: list[int]
+    reference: str | None
+
+
+def format_alpaca_prompt(instruction: str, input: str = "") -> str:
+    """Render the Stanford Alpaca prompt; a blank ``input`` selects the no-input template."""
+    if input.strip():
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def detect_format(record: dict, location: Location | None = None) -> str:
+    """Pick a format from the record's keys: messages > instruction+output > prompt+completion > text."""
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    keys = ", ".join(sorted(map(str, record))) or "none"
+    raise DataError(
+        f"cannot detect the format from keys ({keys}); expected 'messages', 'instruction'+'output', "
+        "'prompt'+'completion' or 'text'",
+        location,
+    )
+
+
+def resolve_format(format: str, record: dict, location: Location | None = None) -> str:
+    """Validate an explicit format name, or detect it from ``record`` when it is ``"auto"``."""
+    if format == "auto":
+        return detect_format(record, location)
+    if format not in FORMATS:
+        raise DataError(f"unknown format '{format}' (expected auto, {', '.join(FORMATS)})")
+    return format
+
+
+def _string(record: dict, field: str, location: Location | None, *, required: bool = True,
+            non_empty: bool = False, what: str = "empty") -> str:
+    """Fetch a string field, raising a DataError naming the field when it is missing or malformed."""
+    value = record.get(field)
+    if value is None:
+        if required:
+            raise DataError("missing", location, field)
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {type(value).__name__}", location, field)
+    if non_empty and not value.strip():
+        raise DataError(what, location, field)
+    return value
+
+
+def _chat_messages(record: dict, location: Location | None) -> list[dict[str, str]]:
+    """Validate ``messages``: a list of {role, content} with known roles and string contents."""
+    messages = record.get("messages")
+    if messages is None:
+        raise DataError("missing", location, "messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError("expected a non-empty list of {role, content} objects", location, "messages")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"expected an object, got {type(message).__name__}", location, f"messages[{i}]")
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise DataError(f"unknown role {role!r} (expected system, user or assistant)", location,
+                            f"messages[{i}].role")
+        content = message.get("content")
+        if not isinstance(content, str):
+            problem = "missing" if content is None else f"expected a string, got {type(content).__name__}"
+            raise DataError(problem, location, f"messages[{i}].content")
+        if role == "assistant" and not content.strip():
+            raise DataError("empty response", location, f"messages[{i}].content")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def _last_assistant(messages: list[dict[str, str]], location: Location | None) -> int:
+    """Index of the last assistant message; a conversation without one has nothing to learn."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "assistant":
+            return i
+    raise DataError("no assistant message to train on", location, "messages")
+
+
+def _builtin_chat_segments(messages: list[dict[str, str]], location: Location | None) -> list[Segment]:
+    """``[INST] {user} [/INST] {assistant}</s>[INST] ...``; a system message prefixes the first user turn."""
+    system = ""
+    first = 0  # index of the first non-system message, so errors name the record's own indices
+    if messages and messages[0]["role"] == "system":
+        system, first = messages[0]["content"], 1
+    segments: list[Segment] = []
+    expected = "user"
+    for i, message in enumerate(messages[first:], start=first):
+        role = message["role"]
+        if role != expected:
+            raise DataError(f"expected a '{expected}' message here (roles must alternate user/assistant, "
+                            "after an optional first system message)", location, f"messages[{i}].role")
+        if role == "user":
+            user = f"{system}\n\n{message['content']}" if system and not segments else message["content"]
+            segments.append(Segment(f"[INST] {user} [/INST]", supervised=False))
+            expected = "assistant"
+        else:
+            segments.append(Segment(" " + message["content"], supervised=True, eos=True))
+            expected = "user"
+    return segments
+
+
+def _render_template(tokenizer: Any, messages: list[dict], template: str | None, generation: bool,
+                     location: Location | None) -> str:
+    """Render ``messages`` through a Jinja chat template, wrapping template errors as DataError."""
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation)
+    except Exception as e:  # jinja raises TemplateError subclasses, templates raise their own errors
+        raise DataError(f"chat template failed ({type(e).__name__}: {e})", location, "messages") from e
+    return text if isinstance(text, str) else str(text)
+
+
+def _template_chat_segments(messages: list[dict[str, str]], tokenizer: Any, template: str,
+                            location: Location | None, generation_prompt: bool = False) -> list[Segment]:
+    """Cut a chat-template rendering into segments by rendering growing prefixes of the conversation.
+
+    For each assistant turn, the text between "history + generation prompt" and "history + that turn"
+    is the supervised answer (including whatever end-of-turn marker the template emits). Templates whose
+    renderings of shorter conversations are not prefixes of longer ones cannot be split this way.
+    With ``generation_prompt`` the segments end with the prompt for a new assistant turn.
+    """
+    segments: list[Segment] = []
+    done = ""
+
+    def cut(prefix_len: int, generation: bool, index: int) -> str:
+        nonlocal done
+        text = _render_template(tokenizer, messages[:prefix_len], template, generation, location)
+        if not text.startswith(done):
+            raise DataError(f"chat template is not prefix-stable at message {index} (rendering a longer "
+                            "conversation changes earlier text); use a different chat_template", location,
+                            "messages")
+        piece, done = text[len(done):], text
+        return piece
+
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            segments.append(Segment(cut(i, True, i), supervised=False))
+            segments.append(Segment(cut(i + 1, False, i), supervised=True))
+    if generation_prompt:
+        segments.append(Segment(cut(len(messages), True, len(messages)), supervised=False))
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and segments and segments[0].text.startswith(bos):
+        # We add BOS as an id ourselves; keep the template's copy out of the text.
+        segments[0] = Segment(segments[0].text[len(bos):], supervised=False)
+    return segments
+
+
+def _chat_template_for(tokenizer: Any, chat_template: str | None) -> str | None:
+    """The Jinja template to use, or None for the built-in Mistral-instruct-like rendering."""
+    if chat_template == BUILTIN_CHAT_TEMPLATE:
+        return None
+    return chat_template or getattr(tokenizer, "chat_template", None) or None
+
+
+def record_segments(record: dict, tokenizer: Any, format: str = "auto",
+                    chat_template: str | None = None, location: Location | None = None) -> list[Segment]:
+    """Render ``record`` into text segments (before BOS/EOS and tokenization)."""
+    fmt = resolve_format(format, record, location)
+    if fmt == "alpaca":
+        instruction = _string(record, "instruction", location, non_empty=True)
+        input_text = _string(record, "input", location, required=False)
+        output = _string(record, "output", location, non_empty=True, what="empty response")
+        return [Segment(format_alpaca_prompt(instruction, input_text), False), Segment(output, True, eos=True)]
+    if fmt == "prompt_completion":
+        prompt = _string(record, "prompt", location, non_empty=True)
+        completion = _string(record, "completion", location, non_empty=True, what="empty response")
+        return [Segment(prompt, False), Segment(completion, True, eos=True)]
+    if fmt == "text":
+        return [Segment(_string(record, "text", location, non_empty=True), True, eos=True)]
+    messages = _chat_messages(record, location)
+    messages = messages[: _last_assistant(messages, location) + 1]  # trailing user turns carry no loss
+    template = _chat_template_for(tokenizer, chat_template)
+    if template is None:
+        return _builtin_chat_segments(messages, location)
+    return _template_chat_segments(messages, tokenizer, template, location)
+
+
+_NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids of "\n"
+
+
+def _encode(tokenizer: Any, text: str, special_tokens_in_text: bool, continuation: bool) -> list[int]:
+    """Encode text without automatic special tokens.
+
+    ``continuation``: the text directly follows other text, so drop the word-boundary marker a
+    sentencepiece tokenizer would prepend (encode ``"\n" + text`` and cut the newline's ids off).
+    ``special_tokens_in_text``: let strings like ``</s>`` become control tokens (chat-template output);
+    otherwise data text always stays text.
+    """
+    if not text:
+        return []
+    split = not special_tokens_in_text
+    if not continuation:
+        return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split))
+    newline = _NEWLINE_IDS.get(tokenizer)
+    if newline is None:
+        newline = list(tokenizer.encode("\n", add_special_tokens=False))
+        _NEWLINE_IDS[tokenizer] = newline
+    ids = list(tokenizer.encode("\n" + text, add_special_tokens=False, split_special_tokens=split))
+    if ids[: len(newline)] == newline:
+        return ids[len(newline):]
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split))  # newline merged
+
+
+def _encode_segments(segments: list[Segment], tokenizer: Any, special_tokens_in_text: bool) -> list[list[int]]:
+    """Ids of each segment (EOS included where asked), encoded as a continuation of what precedes it."""
+    specials = tuple(getattr(tokenizer, "all_special_tokens", ())) if special_tokens_in_text else ()
+    after_special = True  # every sequence starts with BOS
+    encoded = []
+    for segment in segments:
+        ids = _encode(tokenizer, segment.text, special_tokens_in_text, continuation=not after_special)
+        if segment.eos:
+            ids.append(tokenizer.eos_token_id)
+        if segment.eos or segment.text:
+            after_special = segment.eos or (bool(specials) and segment.text.endswith(specials))
+        encoded.append(ids)
+    return encoded
+
+
+def tokenize_segments(segments: list[Segment], tokenizer: Any, special_tokens_in_text: bool = False) -> dict:
+    """BOS + each segment's ids (+ EOS where asked), with labels = ids on supervised segments else -100.
+
+    The sequence always ends with a supervised EOS, so the model learns to stop after the last answer.
+    """
+    eos = tokenizer.eos_token_id
+    input_ids: list[int] = [tokenizer.bos_token_id]
+    labels: list[int] = [IGNORE_INDEX]
+    for segment, ids in zip(segments, _encode_segments(segments, tokenizer, special_tokens_in_text)):
+        input_ids.extend(ids)
+        labels.extend(ids if segment.supervised else [IGNORE_INDEX] * len(ids))
+    if input_ids[-1] != eos:  # e.g. a chat template whose turns end with a marker other than EOS
+        input_ids.append(eos)
+        labels.append(eos)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_record(record: dict, tokenizer: Any, format: str = "auto",
+                    chat_template: str | None = None, location: Location | None = None) -> dict:
+    """Tokenize one record into ``{"input_ids": [...], "labels": [...]}`` (same length, plain lists)."""
+    fmt = resolve_format(format, record, location)
+    segments = record_segments(record, tokenizer, fmt, chat_template, location)
+    templated = fmt == "chat" and _chat_template_for(tokenizer, chat_template) is not None
+    return tokenize_segments(segments, tokenizer, special_tokens_in_text=templated)
+
+
+def format_prompt(record: dict, tokenizer: Any, format: str = "auto",
+                  chat_template: str | None = None, location: Location | None = None) -> Prompt:
+    """The prompt a generator should continue for ``record``, tokenized exactly as in training.
+
+    For chat, the prompt is the conversation before the last assistant message and the reference is
+    that message (None when the conversation ends with a user turn). Raw text has no prompt.
+    """
+    fmt = resolve_format(format, record, location)
+    template = _chat_template_for(tokenizer, chat_template) if fmt == "chat" else None
+    reference: str | None
+    if fmt == "text":
+        raise DataError("format 'text' has no prompt to generate from", location)
+    if fmt == "alpaca":
+        instruction = _string(record, "instruction", location, non_empty=True)
+        input_text = _string(record, "input", location, required=False)
+        segments = [Segment(format_alpaca_prompt(instruction, input_text), False)]
+        reference = _string(record, "output", location, required=False) or None
+    elif fmt == "prompt_completion":
+        segments = [Segment(_string(record, "prompt", location, non_empty=True), False)]
+        reference = _string(record, "completion", location, required=False) or None
+    else:
+        messages = _chat_messages(record, location)
+        reference = None
+        if messages[-1]["role"] == "assistant":
+            reference = messages[-1]["content"]
+            messages = messages[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError("a prompt must end with a user message", location, "messages")
+        if template is None:
+            segments = _builtin_chat_segments(messages, location)
+        else:
+            segments = _template_chat_segments(messages, tokenizer, template, location, generation_prompt=True)
+    input_ids = [tokenizer.bos_token_id]
+    for ids in _encode_segments(segments, tokenizer, template is not None):
+        input_ids.extend(ids)
+    eos_text = getattr(tokenizer, "eos_token", None) or ""
+    text = "".join(segment.text + (eos_text if segment.eos else "") for segment in segments)
+    return Prompt(text=text, input_ids=input_ids, reference=reference)

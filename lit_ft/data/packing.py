@@ -1,0 +1,281 @@
+"""Fit tokenized examples into fixed-length rows and collate them into tensors.
+
+Packed rows concatenate several examples; ``position_ids`` restart at 0 at each example, which is how the
+model knows where one example ends (no attention mask is sent). Padded batches hold one example per row
+with an ``attention_mask``. :class:`DataStats` reports how many token slots carry real tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset
+
+from lit_ft.data.formats import IGNORE_INDEX
+
+OVERLONG_MODES = ("truncate", "drop")
+
+
+@dataclass
+class OverlongResult:
+    """Examples that fit ``max_seq_length`` and how many were cut or removed to get there."""
+
+    examples: list[dict]
+    truncated: int  # cut to max_seq_length and kept
+    dropped: int  # removed: too long with overlong="drop", or nothing left to learn after truncation
+
+
+def handle_overlong(examples: Sequence[dict], max_seq_length: int, overlong: str = "truncate") -> OverlongResult:
+    """Keep the first ``max_seq_length`` tokens of long examples ("truncate") or remove them ("drop").
+
+    A truncated example whose remaining labels are all -100 (the response was cut off entirely) is
+    dropped, since it would contribute no loss.
+    """
+    if overlong not in OVERLONG_MODES:
+        raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    kept: list[dict] = []
+    truncated = dropped = 0
+    for example in examples:
+        if len(example["input_ids"]) <= max_seq_length:
+            kept.append(example)
+        elif overlong == "drop":
+            dropped += 1
+        else:
+            labels = example["labels"][:max_seq_length]
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                dropped += 1
+                continue
+            kept.append({"input_ids": example["input_ids"][:max_seq_length], "labels": labels})
+            truncated += 1
+    return OverlongResult(kept, truncated, dropped)
+
+
+def pack(examples: Sequence[dict] | Sequence[int], max_seq_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing; returns rows of example indices, each row's length <= max.
+
+    ``examples`` are dicts with ``input_ids`` or plain lengths. Deterministic: ties in length keep
+    dataset order, and an example goes to the fullest row it fits in (the oldest such row on ties).
+    """
+    lengths = [e if isinstance(e, int) else len(e["input_ids"]) for e in examples]
+    for i, length in enumerate(lengths):
+        if not 0 < length <= max_seq_length:
+            raise ValueError(f"example {i} has length {length}, outside 1..{max_seq_length}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, row index) of rows that are not full
+    for i in order:
+        length = lengths[i]
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            remaining, row = free.pop(slot)
+            remaining -= length
+            rows[row].append(i)
+        else:
+            row, remaining = len(rows), max_seq_length - length
+            rows.append([i])
+        if remaining > 0:
+            bisect.insort(free, (remaining, row))
+    return rows
+
+
+class ExampleStore:
+    """Tokenized examples in two flat int32 tensors plus offsets (compact, cheap to share with workers)."""
+
+    def __init__(self, examples: Sequence[dict]):
+        lengths = [len(e["input_ids"]) for e in examples]
+        self.offsets = torch.zeros(len(examples) + 1, dtype=torch.long)
+        if lengths:
+            self.offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+        flat_ids = [token for e in examples for token in e["input_ids"]]
+        flat_labels = [label for e in examples for label in e["labels"]]
+        self.input_ids = torch.tensor(flat_ids, dtype=torch.int32)
+        self.labels = torch.tensor(flat_labels, dtype=torch.int32)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Length of each example (LongTensor)."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def supervised_counts(self) -> torch.Tensor:
+        """Number of labels != -100 in each example (LongTensor)."""
+        mask = (self.labels != IGNORE_INDEX).long()
+        cumulative = torch.cat([torch.zeros(1, dtype=torch.long), mask.cumsum(0)])
+        return cumulative[self.offsets[1:]] - cumulative[self.offsets[:-1]]
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of one example as LongTensors."""
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.input_ids[start:end].long(), self.labels[start:end].long()
+
+
+class PackedDataset(Dataset):
+    """Each item is one packed row: its examples concatenated, with per-example position ids."""
+
+    def __init__(self, store: ExampleStore, rows: list[list[int]]):
+        self.store = store
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        parts = [self.store.get(i) for i in self.rows[index]]
+        input_ids = torch.cat([ids for ids, _ in parts])
+        labels = torch.cat([lab for _, lab in parts])
+        position_ids = torch.cat([torch.arange(len(ids)) for ids, _ in parts])
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+class PaddedDataset(Dataset):
+    """Each item is one example (padding happens in :class:`PaddedCollator`)."""
+
+    def __init__(self, store: ExampleStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        input_ids, labels = self.store.get(index)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(len(input_ids))}
+
+
+def _round_up(length: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``length`` (multiple <= 1 means no rounding)."""
+    return length if multiple <= 1 else -(-length // multiple) * multiple
+
+
+@dataclass
+class PackedCollator:
+    """Stack packed rows; pads each row to the batch's longest (rounded up) as a separate pad segment.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` (B, L) LongTensors and no attention mask. The
+    first label of every example is -100 so no example learns to predict across a boundary.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = _round_up(max(len(item["input_ids"]) for item in items), self.pad_to_multiple_of)
+        batch = len(items)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        for b, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[b, :n] = item["input_ids"]
+            labels[b, :n] = item["labels"]
+            position_ids[b, :n] = item["position_ids"]
+            position_ids[b, n:] = torch.arange(width - n)  # the padding is its own segment
+        labels[position_ids == 0] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+@dataclass
+class PaddedCollator:
+    """Right-pad single examples to the batch's longest (rounded up), with an ``attention_mask``."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = _round_up(max(len(item["input_ids"]) for item in items), self.pad_to_multiple_of)
+        batch = len(items)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for b, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[b, :n] = item["input_ids"]
+            labels[b, :n] = item["labels"]
+            attention_mask[b, :n] = 1
+        labels[:, 0] = IGNORE_INDEX
+        position_ids = torch.arange(width).expand(batch, width).clone()
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "attention_mask": attention_mask}
+
+
+@dataclass
+class DataStats:
+    """Token accounting for one split, logged once at setup."""
+
+    name: str
+    packed: bool
+    examples: int  # examples kept (after dropping)
+    tokens: int  # real tokens, BOS/EOS included
+    supervised_tokens: int  # labels != -100 as the collator emits them
+    rows: int  # sequences the dataloader yields: packed rows, or examples when padding
+    token_slots: int  # positions paid for: rows * max_seq_length when packed, padded batch area otherwise
+    truncated: int = 0
+    dropped: int = 0
+    packing_efficiency: float = field(init=False)  # tokens / token_slots
+
+    def __post_init__(self) -> None:
+        self.packing_efficiency = self.tokens / self.token_slots if self.token_slots else 0.0
+
+    def __str__(self) -> str:
+        layout = "packed rows" if self.packed else "padded rows"
+        return (f"{self.name}: {self.examples:,} examples -> {self.rows:,} {layout}, {self.tokens:,} tokens "
+                f"({self.supervised_tokens:,} supervised) in {self.token_slots:,} slots, "
+                f"efficiency {self.packing_efficiency:.1%}, truncated {self.truncated:,}, "
+                f"dropped {self.dropped:,}")
+
+
+def _supervised_tokens(store: ExampleStore, rows: list[list[int]] | None) -> int:
+    """Supervised labels after collation: an example's first label is always -100 once packed."""
+    counts = store.supervised_counts
+    if rows is not None:
+        first_labels = store.labels[store.offsets[:-1]] if len(store) else store.labels[:0]
+        counts = counts - (first_labels != IGNORE_INDEX).long()
+    return int(counts.sum())
+
+
+def packed_stats(name: str, store: ExampleStore, rows: list[list[int]], max_seq_length: int,
+                 truncated: int = 0, dropped: int = 0) -> DataStats:
+    """Stats for packed rows; every row is charged ``max_seq_length`` slots."""
+    return DataStats(name=name, packed=True, examples=len(store), tokens=int(store.lengths.sum()),
+                     supervised_tokens=_supervised_tokens(store, rows), rows=len(rows),
+                     token_slots=len(rows) * max_seq_length, truncated=truncated, dropped=dropped)
+
+
+def padded_stats(name: str, store: ExampleStore, micro_batch_size: int, pad_to_multiple_of: int = 8,
+                 truncated: int = 0, dropped: int = 0) -> DataStats:
+    """Stats for padded micro-batches taken in dataset order; each batch costs size * padded longest."""
+    lengths = store.lengths.tolist()
+    slots = 0
+    for start in range(0, len(lengths), micro_batch_size):
+        chunk = lengths[start:start + micro_batch_size]
+        slots += len(chunk) * _round_up(max(chunk), pad_to_multiple_of)
+    return DataStats(name=name, packed=False, examples=len(store), tokens=sum(lengths),
+                     supervised_tokens=_supervised_tokens(store, None), rows=len(store), token_slots=slots,
+                     truncated=truncated, dropped=dropped)
+
+
+def example_lengths_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's own example length in a packed batch (same shape as ``position_ids``).
+
+    Examples are delimited by ``position_ids == 0`` (segment id = cumsum(starts) - 1 per row); the first
+    token of a row always starts a segment. Works for (T,) and (B, T).
+    """
+    flat = position_ids.reshape(-1, position_ids.shape[-1])
+    starts = flat == 0
+    starts[:, 0] = True
+    segment = starts.long().cumsum(-1) - 1
+    counts = torch.zeros_like(segment).scatter_add_(1, segment, torch.ones_like(segment))
+    return counts.gather(1, segment).reshape(position_ids.shape)
+
+
+def example_lengths_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's example length in a padded batch: the row's real length (at least 1), pads included."""
+    lengths = attention_mask.long().sum(-1, keepdim=True).clamp_min(1)
+    return lengths.expand_as(attention_mask).clone()
