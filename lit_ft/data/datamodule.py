@@ -34,26 +34,54 @@ PAD_TO_MULTIPLE_OF = 8  # tensor-core friendly batch widths
 
 
 class SeededShuffleSampler(Sampler[int]):
-    """Shuffles ``range(n)`` with a torch Generator seeded by ``seed + epoch``.
+    """Shuffles ``range(n)`` with a torch Generator seeded by ``seed + epoch``, and resumes mid-epoch.
 
-    Lightning calls :meth:`set_epoch` each epoch, so the order of every epoch is a pure function of the
-    seed and the epoch number: a resumed run sees the same order as an uninterrupted one.
+    Lightning calls :meth:`set_epoch` each epoch, so the order of every epoch is a pure function of the seed and
+    the epoch number. The data module counts the batches the training loop actually consumed (not the ones the
+    loader prefetched) in ``consumed_batches``; a checkpoint stores it, and after a restore the first epoch
+    skips exactly those items: nothing is seen twice, nothing is skipped.
     """
 
-    def __init__(self, num_items: int, seed: int):
+    def __init__(self, num_items: int, seed: int, batch_size: int = 1):
         self.num_items = num_items
         self.seed = seed
+        self.batch_size = batch_size
         self.epoch = 0
+        self.consumed_batches = 0
+        self._skip_items = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.consumed_batches = 0
+            self._skip_items = 0
 
     def __len__(self) -> int:
         return self.num_items
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        start, self._skip_items = self._skip_items, 0
+        return iter(order[start:])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed_batches": self.consumed_batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.consumed_batches = int(state["consumed_batches"])
+        self._skip_items = min(self.num_items, self.consumed_batches * self.batch_size)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position is part of the checkpoint (Lightning saves any loader with ``state_dict``)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -225,10 +253,17 @@ class InstructionDataModule(L.LightningDataModule):
         """Rows shuffled per epoch with a generator seeded from ``seed`` (deterministic on resume)."""
         if self.train_dataset is None:
             self.setup("fit")
-        return DataLoader(self.train_dataset, batch_size=self.micro_batch_size,
-                          sampler=SeededShuffleSampler(len(self.train_dataset), self.seed),
-                          collate_fn=self._collator(), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        self._train_sampler = SeededShuffleSampler(len(self.train_dataset), self.seed, self.micro_batch_size)
+        return ResumableDataLoader(self.train_dataset, batch_size=self.micro_batch_size, sampler=self._train_sampler,
+                                   collate_fn=self._collator(), num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches the loop consumed (prefetched ones are not counted until used)."""
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is not None and self.trainer is not None and self.trainer.training:
+            sampler.consumed_batches += 1
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         """Held-out rows in a fixed order (empty when no validation data)."""

@@ -1,0 +1,45 @@
+# lit_ft: `make install`, then `make sft` (embedded default, no GPU, no network), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LITFT := $(BIN)/lit-ft
+BASE := artifacts/base/tiny-mistral
+ARGS ?=
+
+.PHONY: install pretrain sft rm ppo pipeline test test-all bench lint clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	@# Without CUDA, pin the CPU wheel of torch (plain `torch` would pull a multi-GB CUDA build);
+	@# with CUDA present, pip chooses the torch build.
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: pip chooses the torch build"; \
+	else \
+		$(BIN)/pip install torch==2.13.0; \
+	fi
+	$(BIN)/pip install -e '.[dev]'
+
+# The embedded base: a tiny Mistral-architecture model pre-trained from scratch on the project's own corpus.
+$(BASE)/config.json:
+	$(LITFT) fit --config configs/pretrain.yaml $(PRETRAIN_ARGS)
+
+pretrain:
+	$(LITFT) fit --config configs/pretrain.yaml $(ARGS)
+
+sft: $(BASE)/config.json
+	$(LITFT) fit --config configs/sft.yaml $(ARGS)
+
+pipeline: sft
+
+test:
+	$(BIN)/pytest -q
+
+test-all:
+	$(BIN)/pytest -q --runslow
+
+lint:
+	$(BIN)/ruff check lit_ft tests bench
+
+clean:
+	rm -rf runs artifacts

@@ -1,0 +1,3 @@
+from lit_ft.cli import main
+
+main()

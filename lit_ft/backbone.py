@@ -1,0 +1,300 @@
+"""The shared backbone: one builder for the tokenizer, the (optionally 4-bit) base model and its LoRA adapters.
+
+Every stage (pre-training, SFT, reward model, PPO) builds its model here, so that adapters trained by one stage
+load back onto the same base in another.
+
+Model sources:
+* ``pretrained=None``: a small Mistral-architecture model built from :class:`TinyConfig` with random weights and
+  the real Mistral-7B-v0.1 tokenizer (shipped by ``mistral_common``). This is what ``make pretrain`` trains.
+* ``pretrained="<local dir>"``: a saved transformers model (the embedded base after ``make pretrain``).
+* ``pretrained="<hub id>"``: e.g. ``mistralai/Mistral-7B-v0.1``, downloaded by transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+EMBEDDED_TOKENIZER = "embedded:mistral-7b-v0.1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackboneError(ValueError):
+    """A user-facing configuration problem with the backbone (one line, no traceback wall)."""
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the embedded Mistral-architecture model built from scratch.
+
+    Args:
+        hidden_size: model width (256: big enough to learn the embedded tasks, small enough for 2 CPU cores).
+        intermediate_size: SwiGLU width (688: Mistral's 3.5x ratio, rounded to a multiple of 8).
+        num_hidden_layers: decoder layers (4: the smallest depth that learned reversal/sorting in our runs).
+        num_attention_heads: query heads (8: head dim 32).
+        num_key_value_heads: grouped-query KV heads (2: keeps Mistral's GQA shape).
+        max_position_embeddings: longest sequence (2048: covers packed rows of the embedded data).
+        rope_theta: RoPE base (10000.0: Mistral-7B-v0.1's value).
+    """
+
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (PEFT).
+
+    Args:
+        r: rank (16: QLoRA paper's 7B setting on all linear layers).
+        alpha: scaling numerator, the update is scaled by alpha/r (32: twice r, the common QLoRA choice).
+        dropout: dropout on the adapter input (0.05: QLoRA paper's value for 7B-13B models).
+        target_modules: module names to adapt, or "all-linear" (QLoRA: every linear layer but the output head).
+        adapter_name: the adapter's name, so one base can hold several (policy, value, reward).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    adapter_name: str = "default"
+
+
+@dataclass
+class Backbone:
+    """Where the base model comes from and how it is loaded and adapted.
+
+    Args:
+        pretrained: hub id or local directory of a transformers causal LM; None builds ``tiny`` from scratch.
+        tokenizer: hub id or local directory; None uses the pretrained model's own tokenizer, or the embedded
+            Mistral-7B-v0.1 tokenizer for a model built from ``tiny``.
+        tiny: sizes of the from-scratch model (used only when ``pretrained`` is None).
+        quantization: "none", or "nf4" for 4-bit NormalFloat with double quantisation (QLoRA).
+        dtype: dtype of the non-quantised weights ("float32" on CPU; "bfloat16" halves memory on GPU).
+        compute_dtype: dtype of 4-bit matmuls ("bfloat16" is the QLoRA paper's; use "float32" on CPU).
+        attn_implementation: "eager", "sdpa", "flex_attention" or "flash_attention_2"; packing is exact on each.
+        gradient_checkpointing: recompute activations in the backward pass (saves memory, costs ~30% time).
+        lora: LoRA settings; None trains every parameter (used by pre-training).
+    """
+
+    pretrained: str | None = None
+    tokenizer: str | None = None
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    quantization: Literal["none", "nf4"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+
+
+# Checkpoints store these settings as hyper-parameters; allow them in weights-only loading (resume).
+torch.serialization.add_safe_globals([Backbone, TinyConfig, LoraSettings])
+
+
+def _embedded_tokenizer():
+    import mistral_common
+    from transformers import AutoTokenizer
+
+    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not src.exists():
+        raise BackboneError(f"{src}: the Mistral-7B-v0.1 tokenizer is missing from mistral_common")
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(src, Path(tmp) / "tokenizer.model")
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def load_tokenizer(name: str | None):
+    """Load a tokenizer and give it a pad token distinct from EOS (so that the model learns to stop).
+
+    ``None`` (or ``"embedded:mistral-7b-v0.1"``) is the real Mistral-7B-v0.1 tokenizer from ``mistral_common``.
+    Without a pad token, or with pad == EOS, the unknown token pads (Mistral has ``<unk>``); a tokenizer without
+    one gets a new ``<pad>`` token and the model's embeddings must be resized (:func:`build_model` does).
+    """
+    from transformers import AutoTokenizer
+
+    if name in (None, EMBEDDED_TOKENIZER):
+        tok = _embedded_tokenizer()
+    else:
+        if _looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise BackboneError(f"{name}: tokenizer directory not found")
+        name = os.path.expanduser(name)
+        tok = AutoTokenizer.from_pretrained(name)
+    if tok.eos_token_id is None:
+        raise BackboneError(f"{name or EMBEDDED_TOKENIZER}: the tokenizer has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (``org/name``): starts with ., / or ~, or has more than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(name)
+
+
+def _tiny_model(spec: Backbone, tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,  # Mistral-7B-v0.1 unties them
+        **asdict(spec.tiny),
+    )
+    cfg._attn_implementation = spec.attn_implementation
+    return MistralForCausalLM(cfg).to(DTYPES[spec.dtype])
+
+
+def _pretrained_model(spec: Backbone, device_map=None):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    name = spec.pretrained
+    if _looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise BackboneError(f"{name}: model directory not found (run `make pretrain` for the embedded base)")
+    kwargs = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation}
+    if spec.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,  # QLoRA: quantise the quantisation constants too (~0.37 bit/param saved)
+            bnb_4bit_compute_dtype=DTYPES[spec.compute_dtype],
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
+
+
+def build_model(spec: Backbone, tokenizer, device_map=None):
+    """Build the base model (from scratch, a local directory or the hub), quantise it, then add LoRA.
+
+    Returns a ``PeftModel`` with the adapter ``spec.lora.adapter_name`` active, or the plain model when
+    ``spec.lora`` is None (every parameter then trains).
+    """
+    if spec.pretrained is None:
+        if spec.quantization != "none":
+            raise BackboneError("quantization: nf4 needs pretrained weights (set model.backbone.pretrained)")
+        model = _tiny_model(spec, tokenizer)
+    else:
+        model = _pretrained_model(spec, device_map)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # training: a KV cache would also disable packed-sequence masking
+
+    if spec.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if spec.lora is None:
+        return model
+    return add_adapter(model, spec.lora)
+
+
+def add_adapter(model, lora: LoraSettings, trainable: bool = True):
+    """Add a named LoRA adapter, to a plain model (making it a ``PeftModel``) or to an existing ``PeftModel``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        if isinstance(model, PeftModel):
+            model.add_adapter(lora.adapter_name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=lora.adapter_name)
+    except ValueError as err:
+        raise BackboneError(f"lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}") from None
+    model.set_adapter(lora.adapter_name)
+    if not trainable:
+        for name, p in model.named_parameters():
+            if f".{lora.adapter_name}." in name:
+                p.requires_grad_(False)
+    return model
+
+
+def save_adapter(model, directory: str | os.PathLike, adapter_name: str, tokenizer=None) -> Path:
+    """Write one adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``) into ``directory``.
+
+    Loads back with ``PeftModel.from_pretrained(base, directory)``. Written to a temporary folder then renamed,
+    so an interrupted save never leaves a half-written adapter.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+    model.peft_config[adapter_name].save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, out)
+    return out
+
+
+def save_full_model(model, directory: str | os.PathLike, tokenizer, metadata: dict | None = None) -> Path:
+    """Save a plain transformers model with its tokenizer (atomically: temporary folder, then rename)."""
+    out = Path(directory)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if metadata:
+        (tmp / "lit_ft.json").write_text(json.dumps(metadata, indent=2))
+    _replace_dir(tmp, out)
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def decoder_and_head(model):
+    """The transformer body (returns hidden states) and the output projection, through any PEFT wrapping.
+
+    Losses that only need logits at some positions call the body, then the head on those positions alone.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def trainable_state_dict(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Only the parameters that require grad: what a checkpoint must hold (never the frozen base)."""
+    return {prefix + n: p.detach() for n, p in module.named_parameters() if p.requires_grad}

@@ -1,0 +1,77 @@
+"""The ``lit-ft`` command: LightningCLI's ``fit``/``validate``/``test`` over YAML configs.
+
+    lit-ft fit --config configs/sft.yaml
+    lit-ft fit --config configs/sft.yaml --model.backbone.quantization nf4
+    python -m lit_ft fit --config configs/mistral7b_qlora_alpaca.yaml
+
+User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing) end with one
+line on stderr naming what is wrong and where, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
+
+from lit_ft.backbone import BackboneError
+from lit_ft.data.sources import DataError
+
+USER_ERRORS = (DataError, BackboneError)
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Writes the resolved config next to the run, and logs it to every logger (W&B: the run's config)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
+        config.pop("config", None)
+        for logger in trainer.loggers:
+            if isinstance(logger, Logger):
+                logger.log_hyperparams(_flatten(config))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return flat
+
+
+class LitFtCLI(LightningCLI):
+    """LightningCLI with subclass mode for modules and data, configs composed with repeated ``--config``."""
+
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=LogConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            parser_kwargs={"default_env": False},
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lit-ft`` and ``python -m lit_ft``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        LitFtCLI(args=args)
+    except USER_ERRORS as err:
+        print(f"lit-ft: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
