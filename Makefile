@@ -6,7 +6,7 @@ LITFT := $(BIN)/lit-ft
 BASE := artifacts/base/tiny-mistral
 ARGS ?=
 
-.PHONY: install pretrain sft rm ppo pipeline test test-all bench lint clean
+.PHONY: install pretrain sft pipeline test test-all bench lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,6 @@ lint:
 
 clean:
 	rm -rf runs artifacts
+
+bench:
+	$(BIN)/python bench/packing.py

@@ -35,19 +35,20 @@ class TinyConfig:
     """Sizes of the embedded Mistral-architecture model built from scratch.
 
     Args:
-        hidden_size: model width (256: big enough to learn the embedded tasks, small enough for 2 CPU cores).
-        intermediate_size: SwiGLU width (688: Mistral's 3.5x ratio, rounded to a multiple of 8).
-        num_hidden_layers: decoder layers (4: the smallest depth that learned reversal/sorting in our runs).
-        num_attention_heads: query heads (8: head dim 32).
+        hidden_size: model width (128: on 2 CPU cores it learned the embedded tasks faster than 256, because
+            the 32k-vocabulary output layer dominates the cost and steps are 1.7x quicker).
+        intermediate_size: SwiGLU width (344: 2.7x the width, rounded to a multiple of 8).
+        num_hidden_layers: decoder layers (4).
+        num_attention_heads: query heads (4: head dim 32, as small as is still useful for RoPE).
         num_key_value_heads: grouped-query KV heads (2: keeps Mistral's GQA shape).
         max_position_embeddings: longest sequence (2048: covers packed rows of the embedded data).
         rope_theta: RoPE base (10000.0: Mistral-7B-v0.1's value).
     """
 
-    hidden_size: int = 256
-    intermediate_size: int = 688
+    hidden_size: int = 128
+    intermediate_size: int = 344
     num_hidden_layers: int = 4
-    num_attention_heads: int = 8
+    num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -87,6 +88,10 @@ class Backbone:
         attn_implementation: "eager", "sdpa", "flex_attention" or "flash_attention_2"; packing is exact on each.
         gradient_checkpointing: recompute activations in the backward pass (saves memory, costs ~30% time).
         lora: LoRA settings; None trains every parameter (used by pre-training).
+        init_adapter: a PEFT adapter directory (e.g. the SFT output) whose weights initialise the new adapter;
+            its LoRA settings (r, alpha, targets) replace ``lora``'s. None starts from a fresh adapter.
+        init_adapter_required: fail when ``init_adapter`` does not exist (False: fall back to a fresh adapter,
+            which lets a config start from the SFT output when there is one and from the base otherwise).
     """
 
     pretrained: str | None = None
@@ -98,6 +103,8 @@ class Backbone:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = field(default_factory=LoraSettings)
+    init_adapter: str | None = None
+    init_adapter_required: bool = True
 
 
 # Checkpoints store these settings as hyper-parameters; allow them in weights-only loading (resume).
@@ -212,7 +219,33 @@ def build_model(spec: Backbone, tokenizer, device_map=None):
 
     if spec.lora is None:
         return model
-    return add_adapter(model, spec.lora)
+    init = resolve_init_adapter(spec)
+    if init is None:
+        return add_adapter(model, spec.lora)
+    return load_adapter(model, init, spec.lora.adapter_name, trainable=True)
+
+
+def resolve_init_adapter(spec: Backbone) -> str | None:
+    """The adapter directory to start from, or None; a missing required one is a one-line error."""
+    if spec.init_adapter is None:
+        return None
+    if (Path(spec.init_adapter) / "adapter_config.json").exists():
+        return spec.init_adapter
+    if spec.init_adapter_required:
+        raise BackboneError(f"{spec.init_adapter}: adapter directory not found (no adapter_config.json)")
+    return None
+
+
+def load_adapter(model, directory: str, adapter_name: str, trainable: bool = False):
+    """Load a saved PEFT adapter onto ``model`` (plain or already a ``PeftModel``) under ``adapter_name``."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(directory, adapter_name=adapter_name, is_trainable=trainable)
+    else:
+        model = PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=trainable)
+    model.set_adapter(adapter_name)
+    return model
 
 
 def add_adapter(model, lora: LoraSettings, trainable: bool = True):

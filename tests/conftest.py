@@ -30,3 +30,16 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     tok.pad_token = tok.unk_token
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
     return tok
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end run: use `make test-all` (pytest --runslow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

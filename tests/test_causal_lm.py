@@ -186,3 +186,29 @@ def test_nf4_backbone_trains_on_cpu(tmp_path, tiny_base) -> None:
     module, trainer = _fit(tmp_path, tiny_base, max_steps=2, quantization="nf4")
     assert trainer.global_step == 2
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
+
+
+def test_neftune_in_module_uses_packed_example_lengths() -> None:
+    module = CausalLM(backbone=tiny_backbone(), neftune_alpha=5.0)
+    module.configure_model()
+    seen = []
+    original = module.neftune._hook
+
+    def spy(mod, inputs, output):
+        seen.append(None if module.neftune.lengths is None else module.neftune.lengths.clone())
+        return original(mod, inputs, output)
+
+    module.neftune.detach()
+    module.model.get_input_embeddings().register_forward_hook(spy)
+    # One row packing examples of 3 and 5 tokens, then a 2-token padding segment.
+    batch = {
+        "input_ids": torch.tensor([[1, 5, 6, 1, 7, 8, 9, 10, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]),
+    }
+    module.train()
+    noisy_a, noisy_b = module.forward_hidden(batch), module.forward_hidden(batch)
+    assert seen[0].tolist() == [[3, 3, 3, 5, 5, 5, 5, 5, 2, 2]]
+    assert not torch.allclose(noisy_a, noisy_b)
+    module.eval()
+    clean_a, clean_b = module.forward_hidden(batch), module.forward_hidden(batch)
+    torch.testing.assert_close(clean_a, clean_b)

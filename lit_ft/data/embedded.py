@@ -92,7 +92,7 @@ class EmbeddedCorpus(PretrainDataModule):
         num_train: int = 2000,
         num_heldout: int = 200,
         world_seed: int = 1234,
-        extra_facts: int = 4000,
+        extra_facts: int = 2000,
         sentences_per_doc: int = 6,
         source: str | None = None,
         max_seq_length: int = 256,

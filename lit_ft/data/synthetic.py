@@ -32,6 +32,11 @@ class Fact:
     statements: tuple[str, ...]  # prose phrasings for the pre-training corpus
 
 
+def _fact(task: str, question: str, answer: str, *statements: str) -> Fact:
+    """A fact with its prose statements plus a question-and-answer phrasing (as FAQ pages have)."""
+    return Fact(task, question, answer, (*statements, f"Q: {question} A: {answer}."))
+
+
 def _spaced(items) -> str:
     return " ".join(str(x) for x in items)
 
@@ -39,65 +44,65 @@ def _spaced(items) -> str:
 def _add(rng: random.Random) -> Fact:
     a, b = rng.randrange(10), rng.randrange(10)
     s = a + b
-    return Fact(
+    return _fact(
         "add",
         f"What is {a} + {b}?",
         str(s),
-        (f"The sum {a} + {b} equals {s}.", f"Adding {a} and {b} gives {s}.", f"{a} plus {b} is {s}."),
+        f"The sum {a} + {b} equals {s}.", f"Adding {a} and {b} gives {s}.", f"{a} plus {b} is {s}.",
     )
 
 
 def _successor(rng: random.Random) -> Fact:
     n = rng.randrange(99)
-    return Fact(
+    return _fact(
         "successor",
         f"What number comes after {n}?",
         str(n + 1),
-        (f"After {n} comes {n + 1}.", f"The number following {n} is {n + 1}.", f"Counting on from {n} gives {n + 1}."),
+        f"After {n} comes {n + 1}.", f"The number following {n} is {n + 1}.", f"Counting on from {n} gives {n + 1}.",
     )
 
 
 def _reverse(rng: random.Random) -> Fact:
-    word = [rng.choice(LETTERS) for _ in range(rng.randint(3, 4))]
+    word = [rng.choice(LETTERS) for _ in range(3)]
     src, dst = _spaced(word), _spaced(reversed(word))
-    return Fact(
+    return _fact(
         "reverse",
         f"Reverse the letters: {src}",
         dst,
-        (f"Read backwards, {src} becomes {dst}.", f"The letters {src} reversed are {dst}.", f"Backwards, {src} is {dst}."),
+        f"Read backwards, {src} becomes {dst}.", f"The letters {src} reversed are {dst}.", f"Backwards, {src} is {dst}.",
     )
 
 
 def _sort(rng: random.Random) -> Fact:
-    digits = [rng.randrange(10) for _ in range(rng.randint(3, 4))]
+    digits = [rng.randrange(10) for _ in range(3)]
     src, dst = _spaced(digits), _spaced(sorted(digits))
-    return Fact(
+    return _fact(
         "sort",
         f"Sort the digits: {src}",
         dst,
-        (f"In order, {src} sorts to {dst}.", f"Sorting {src} gives {dst}.", f"The digits {src} sorted are {dst}."),
+        f"In order, {src} sorts to {dst}.", f"Sorting {src} gives {dst}.", f"The digits {src} sorted are {dst}.",
     )
 
 
 def _maximum(rng: random.Random) -> Fact:
-    digits = [rng.randrange(10) for _ in range(rng.randint(3, 4))]
+    digits = [rng.randrange(10) for _ in range(3)]
     src, m = _spaced(digits), max(digits)
-    return Fact(
+    return _fact(
         "max",
         f"What is the largest of {src}?",
         str(m),
-        (f"The largest of {src} is {m}.", f"Among {src}, the biggest is {m}.", f"Of {src}, {m} is the maximum."),
+        f"The largest of {src} is {m}.", f"Among {src}, the biggest is {m}.", f"Of {src}, {m} is the maximum.",
     )
 
 
 def _count(rng: random.Random) -> Fact:
     word = [rng.choice(LETTERS) for _ in range(rng.randint(2, 6))]
     src, n = _spaced(word), len(word)
-    return Fact(
+    return _fact(
         "count",
         f"How many letters are in: {src}",
         str(n),
-        (f"There are {n} letters in {src}.", f"Counting {src} gives {n} letters.", f"{src} has {n} letters."),
+        f"There are {n} letters in {src}.", f"Counting {src} gives {n} letters.", f"{src} has {n} letters.",
     )
 
 
