@@ -136,7 +136,7 @@ def load_tokenizer(name: str | None):
         tok = _embedded_tokenizer()
     else:
         if _looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
-            raise BackboneError(f"{name}: tokenizer directory not found")
+            raise BackboneError(f"{name}: model/tokenizer directory not found (`make pretrain` builds the embedded base)")
         name = os.path.expanduser(name)
         tok = AutoTokenizer.from_pretrained(name)
     if tok.eos_token_id is None:

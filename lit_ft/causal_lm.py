@@ -70,12 +70,19 @@ class CausalLM(L.LightningModule):
         self.neftune = NEFTune(neftune_alpha)
         self.loss_chunk_size = loss_chunk_size
         self.export_dir = export_dir
-        self.tokenizer = load_tokenizer(self.backbone.tokenizer or self.backbone.pretrained)
+        self._tokenizer = None
         self.model: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold trainable parameters only, never the frozen base
         self.val_loss = MeanMetric()
         self._step_loss_sum = 0.0
         self._step_tokens = 0
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use (the data module needs it before the model is built)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.backbone.tokenizer or self.backbone.pretrained)
+        return self._tokenizer
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:

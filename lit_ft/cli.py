@@ -3,6 +3,7 @@
     lit-ft fit --config configs/sft.yaml
     lit-ft fit --config configs/sft.yaml --model.backbone.quantization nf4
     python -m lit_ft fit --config configs/mistral7b_qlora_alpaca.yaml
+    lit-ft score --adapter artifacts/rm --prompt "What is 3 + 4?" --response 7 --response 8   (lit_ft.score)
 
 User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing) end with one
 line on stderr naming what is wrong and where, not a traceback.
@@ -66,11 +67,31 @@ class LitFtCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lit-ft`` and ``python -m lit_ft``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv[:1] == ["score"]:  # a plain tool, not a LightningCLI subcommand
+            from lit_ft.score import main as score_main
+
+            score_main(argv[1:])
+            return
         LitFtCLI(args=args)
-    except USER_ERRORS as err:
-        print(f"lit-ft: error: {err}", file=sys.stderr)
+    except Exception as err:  # user mistakes become one line; anything else re-raises
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"lit-ft: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _user_error(err: BaseException | None) -> BaseException | None:
+    """The DataError/BackboneError behind ``err``, also when jsonargparse wrapped it while instantiating."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":
