@@ -110,7 +110,7 @@ def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
     [
         ('{"data": [{"text": "a"}],\n "version": 1}', "top-level JSON is an object"),
         ('"just a string"', "top-level JSON must be a list of objects"),
-        ('[{"text": "a"}, 3]', ":1: list item is int, expected a JSON object"),
+        ('[{"text": "a"}, 3]', r":1 \(record 2\): list item is int, expected a JSON object"),
         ('[{"text": "a"}] []', "extra data after the top-level list"),
     ],
 )

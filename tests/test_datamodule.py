@@ -99,9 +99,23 @@ def test_bad_record_error_names_line(tokenizer, tmp_path: Path) -> None:
     rows = alpaca_rows(5)
     rows[3] = {"instruction": "x", "output": ""}
     source = write_jsonl(tmp_path / "bad.jsonl", rows)
-    dm = InstructionDataModule(source=source, tokenizer=tokenizer, val_split_fraction=0.0)
+    dm = InstructionDataModule(source=source, tokenizer=tokenizer, val_split_fraction=0.0,
+                               skip_empty_responses=False)
     with pytest.raises(DataError, match=r"bad\.jsonl:4: field 'output': empty response"):
         dm.setup()
+
+
+def test_empty_responses_are_skipped_and_counted_by_default(tokenizer, tmp_path: Path, capsys) -> None:
+    rows = alpaca_rows(6)
+    rows[2]["output"] = ""
+    rows[4]["output"] = "  "
+    source = tmp_path / "list.json"
+    source.write_text(json.dumps(rows))  # one line: the record number tells them apart
+    dm = InstructionDataModule(source=str(source), tokenizer=tokenizer, val_split_fraction=0.0)
+    dm.setup()
+    assert dm.stats_train.examples == 4 and dm.stats_train.empty == 2
+    out = capsys.readouterr().out
+    assert "skipped 2 records with an empty response" in out and "list.json:1 (record 3)" in out
 
 
 def test_no_source_and_bad_options(tokenizer) -> None:

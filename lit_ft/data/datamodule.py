@@ -104,6 +104,7 @@ class InstructionDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         subset: str | None = None,
         val_split: str | None = None,
+        skip_empty_responses: bool = True,
         tokenizer: Any = None,
     ):
         """
@@ -125,6 +126,8 @@ class InstructionDataModule(L.LightningDataModule):
                 Mistral-instruct template.
             subset: Configuration name of a hub dataset.
             val_split: Split of ``val_source`` to use (default: ``split``).
+            skip_empty_responses: Skip records whose response is empty, counting them (real Alpaca has 2 in
+                5000); False fails on the first one, naming its file, line and field.
             tokenizer: Tokenizer to use; None takes the attached LightningModule's ``tokenizer``.
         """
         super().__init__()
@@ -152,6 +155,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.chat_template = chat_template
         self.subset = subset
         self.val_split = val_split
+        self.skip_empty_responses = skip_empty_responses
         self.tokenizer = tokenizer
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -227,15 +231,27 @@ class InstructionDataModule(L.LightningDataModule):
     def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
                tokenizer: Any) -> tuple[Dataset, DataStats]:
         """Tokenize, apply the overlong policy, then pack or pad one split."""
-        examples = [tokenize_record(record, tokenizer, fmt, self.chat_template, location)
-                    for record, location in _progress(records, locations, name)]
+        examples, empty = [], []
+        for record, location in _progress(records, locations, name):
+            try:
+                examples.append(tokenize_record(record, tokenizer, fmt, self.chat_template, location))
+            except DataError as err:
+                if not (self.skip_empty_responses and err.problem == "empty response"):
+                    raise
+                empty.append(err)
+        if empty:
+            log.warning("%s: skipped %d records with an empty response, first: %s", name, len(empty), empty[0])
+            if rank_zero_only.rank == 0:
+                print(f"[data] {name}: skipped {len(empty)} records with an empty response (first: {empty[0]})")
         kept = handle_overlong(examples, self.max_seq_length, self.overlong)
         store = ExampleStore(kept.examples)
         if self.packing:
             rows = pack(store.lengths.tolist(), self.max_seq_length)
             stats = packed_stats(name, store, rows, self.max_seq_length, kept.truncated, kept.dropped)
+            stats.empty = len(empty)
             return PackedDataset(store, rows), stats
         stats = padded_stats(name, store, self.micro_batch_size, PAD_TO_MULTIPLE_OF, kept.truncated, kept.dropped)
+        stats.empty = len(empty)
         return PaddedDataset(store), stats
 
     def _collator(self) -> PackedCollator | PaddedCollator:

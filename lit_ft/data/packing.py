@@ -218,6 +218,7 @@ class DataStats:
     token_slots: int  # positions paid for: rows * max_seq_length when packed, padded batch area otherwise
     truncated: int = 0
     dropped: int = 0
+    empty: int = 0  # records skipped because their response was empty
     packing_efficiency: float = field(init=False)  # tokens / token_slots
 
     def __post_init__(self) -> None:
@@ -228,7 +229,7 @@ class DataStats:
         return (f"{self.name}: {self.examples:,} examples -> {self.rows:,} {layout}, {self.tokens:,} tokens "
                 f"({self.supervised_tokens:,} supervised) in {self.token_slots:,} slots, "
                 f"efficiency {self.packing_efficiency:.1%}, truncated {self.truncated:,}, "
-                f"dropped {self.dropped:,}")
+                f"dropped {self.dropped:,}" + (f", empty responses skipped {self.empty:,}" if self.empty else ""))
 
 
 def _supervised_tokens(store: ExampleStore, rows: list[list[int]] | None) -> int:

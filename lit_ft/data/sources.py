@@ -31,6 +31,8 @@ class Location:
     row: int | None = None  # 0-based row index when the source has no lines (parquet, hub)
 
     def __str__(self) -> str:
+        if self.line is not None and self.row is not None:  # a JSON list: many records may share a line
+            return f"{self.source}:{self.line} (record {self.row + 1})"
         if self.line is not None:
             return f"{self.source}:{self.line}"
         if self.row is not None:
@@ -165,7 +167,7 @@ def _parse_json_array(text: str, start: int, source: str) -> tuple[list[dict], l
         pos += 1
     else:
         while True:
-            location = Location(source, line_at(pos))
+            location = Location(source, line_at(pos), row=len(records))
             try:
                 obj, pos = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as e:
