@@ -154,6 +154,18 @@ def _round_up(length: int, multiple: int) -> int:
     return length if multiple <= 1 else -(-length // multiple) * multiple
 
 
+def _right_pad(items: list[dict[str, torch.Tensor]], pad_token_id: int, multiple: int) -> dict[str, torch.Tensor]:
+    """Stack ``input_ids``/``labels`` right-padded to the batch's longest (rounded up), plus ``lengths``."""
+    width = _round_up(max(len(item["input_ids"]) for item in items), multiple)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    lengths = torch.tensor([len(item["input_ids"]) for item in items])
+    for b, item in enumerate(items):
+        input_ids[b, : lengths[b]] = item["input_ids"]
+        labels[b, : lengths[b]] = item["labels"]
+    return {"input_ids": input_ids, "labels": labels, "lengths": lengths}
+
+
 @dataclass
 class PackedCollator:
     """Stack packed rows; pads each row to the batch's longest (rounded up) as a separate pad segment.
@@ -166,19 +178,17 @@ class PackedCollator:
     pad_to_multiple_of: int = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = _round_up(max(len(item["input_ids"]) for item in items), self.pad_to_multiple_of)
-        batch = len(items)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        batch = _right_pad(items, self.pad_token_id, self.pad_to_multiple_of)
+        lengths = batch.pop("lengths")
+        width = batch["input_ids"].shape[1]
+        position_ids = torch.zeros_like(batch["input_ids"])
         for b, item in enumerate(items):
-            n = len(item["input_ids"])
-            input_ids[b, :n] = item["input_ids"]
-            labels[b, :n] = item["labels"]
+            n = int(lengths[b])
             position_ids[b, :n] = item["position_ids"]
             position_ids[b, n:] = torch.arange(width - n)  # the padding is its own segment
-        labels[position_ids == 0] = IGNORE_INDEX
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        batch["labels"][position_ids == 0] = IGNORE_INDEX
+        batch["position_ids"] = position_ids
+        return batch
 
 
 @dataclass
@@ -189,20 +199,13 @@ class PaddedCollator:
     pad_to_multiple_of: int = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = _round_up(max(len(item["input_ids"]) for item in items), self.pad_to_multiple_of)
-        batch = len(items)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        for b, item in enumerate(items):
-            n = len(item["input_ids"])
-            input_ids[b, :n] = item["input_ids"]
-            labels[b, :n] = item["labels"]
-            attention_mask[b, :n] = 1
-        labels[:, 0] = IGNORE_INDEX
-        position_ids = torch.arange(width).expand(batch, width).clone()
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": attention_mask}
+        batch = _right_pad(items, self.pad_token_id, self.pad_to_multiple_of)
+        lengths = batch.pop("lengths")
+        width = batch["input_ids"].shape[1]
+        batch["labels"][:, 0] = IGNORE_INDEX
+        batch["position_ids"] = torch.arange(width).expand(len(items), width).clone()
+        batch["attention_mask"] = (torch.arange(width)[None] < lengths[:, None]).long()
+        return batch
 
 
 @dataclass
