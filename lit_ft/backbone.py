@@ -331,3 +331,32 @@ def decoder_and_head(model):
 def trainable_state_dict(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """Only the parameters that require grad: what a checkpoint must hold (never the frozen base)."""
     return {prefix + n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def keep_trainable_in_checkpoint(module: torch.nn.Module, checkpoint: dict, extra: tuple[str, ...] = ()) -> None:
+    """Drop every frozen tensor from ``checkpoint["state_dict"]``, keeping trainable parameters and ``extra`` keys.
+
+    A 7B QLoRA checkpoint stays adapter-sized; the frozen base is rebuilt from its source on resume.
+    """
+    keep = {n for n, p in module.named_parameters() if p.requires_grad} | set(extra)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+class BackboneModule:
+    """For LightningModules built on a :class:`Backbone` (``self.backbone``): the tokenizer, loaded on first use
+    (the data module needs it before the model is built), and where a 4-bit model must be loaded.
+    """
+
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.backbone.tokenizer or self.backbone.pretrained)
+        return self._tokenizer
+
+    def quantized_device_map(self) -> dict[str, str] | None:
+        """bitsandbytes places 4-bit weights at load time: on the strategy's device when a trainer is attached."""
+        if self.backbone.quantization == "none" or getattr(self, "_trainer", None) is None:
+            return None
+        return {"": str(self.trainer.strategy.root_device)}

@@ -13,7 +13,6 @@ and DDP averages over the second).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -23,23 +22,24 @@ from torchmetrics import MeanMetric
 
 from lit_ft.backbone import (
     Backbone,
+    BackboneModule,
     build_model,
     decoder_and_head,
-    load_tokenizer,
+    keep_trainable_in_checkpoint,
     save_adapter,
     save_full_model,
 )
 from lit_ft.data.packing import example_lengths_from_attention_mask, example_lengths_from_position_ids
 from lit_ft.losses import supervised_token_loss
 from lit_ft.neftune import NEFTune
-from lit_ft.schedules import WarmupCosine
+from lit_ft.schedules import WarmupCosine, optimizer_and_schedule
 
 
 def default_optimizer(params):
     return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)  # 2e-4: QLoRA paper's 7B setting
 
 
-class CausalLM(L.LightningModule):
+class CausalLM(BackboneModule, L.LightningModule):
     """Causal language modelling on the shared backbone: SFT with LoRA, or pre-training with ``lora: null``.
 
     Args:
@@ -77,22 +77,12 @@ class CausalLM(L.LightningModule):
         self._step_loss_sum = 0.0
         self._step_tokens = 0
 
-    @property
-    def tokenizer(self):
-        """Loaded on first use (the data module needs it before the model is built)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.backbone.tokenizer or self.backbone.pretrained)
-        return self._tokenizer
-
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
         """Build the model once (idempotent: Lightning may call this more than once)."""
         if self.model is not None:
             return
-        device_map = None
-        if self.backbone.quantization != "none" and self._trainer is not None:
-            device_map = {"": str(self.trainer.strategy.root_device)}
-        self.model = build_model(self.backbone, self.tokenizer, device_map=device_map)
+        self.model = build_model(self.backbone, self.tokenizer, device_map=self.quantized_device_map())
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes as found
         self.neftune.attach(self.model.get_input_embeddings())
 
@@ -163,18 +153,13 @@ class CausalLM(L.LightningModule):
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_fn(params)
-        scheduler = self.scheduler_fn(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:
-            total = self.trainer.estimated_stepping_batches
-            scheduler.set_total_steps(total if math.isfinite(total) else 1000)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
+                                      self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable parameters: a 7B QLoRA checkpoint stays adapter-sized."""
-        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_in_checkpoint(self, checkpoint)
 
     def export(self, directory: str) -> str:
         """Write the adapter in PEFT format, or the whole model when every parameter was trained."""

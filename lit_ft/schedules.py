@@ -45,3 +45,16 @@ class WarmupCosine(LambdaLR):
         self.total_steps = int(total_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * self._factor(self.last_epoch)
+
+
+def optimizer_and_schedule(params, optimizer_fn, scheduler_fn, total_steps: float) -> dict:
+    """What ``configure_optimizers`` returns: the injected optimiser over ``params`` and a per-step scheduler.
+
+    A scheduler whose ``total_steps`` is None learns it here from ``total_steps`` (the trainer's
+    ``estimated_stepping_batches``; 1000 when that is infinite).
+    """
+    optimizer = optimizer_fn(params)
+    scheduler = scheduler_fn(optimizer)
+    if getattr(scheduler, "total_steps", 0) is None:
+        scheduler.set_total_steps(total_steps if math.isfinite(total_steps) else 1000)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

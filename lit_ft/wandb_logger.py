@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 def wandb_credentials_available() -> bool:
@@ -58,6 +58,15 @@ class WandbLogger(_LightningWandbLogger):
         )
         if offline:
             rank_zero_info(f"lit_ft: W&B offline run in {save_dir}/wandb (upload later with `wandb sync`)")
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Close the W&B run when the stage ends, so that the next stage in the same process (``make pipeline``
+        from Python, tests) starts its own run in its own directory instead of writing into this one."""
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
 
 
 def _quiet_settings():

@@ -13,7 +13,7 @@ from lit_ft.backbone import Backbone, LoraSettings, save_full_model
 from lit_ft.causal_lm import CausalLM
 from lit_ft.data.embedded import EmbeddedTasks
 from lit_ft.data.packing import ExampleStore, PackedCollator, PackedDataset
-from tests.tiny_models import TINY, tiny_backbone
+from tests.tiny_models import TINY, StopAt, tiny_backbone
 
 
 def _constant(optimizer):
@@ -103,17 +103,6 @@ class Snapshot(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.params = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
-
-
-class StopAt(L.Callback):
-    """Interrupts a run after ``step`` optimizer steps, as a crash would (the schedule still spans max_steps)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def _fit(tmp: Path, base: str, max_steps: int, ckpt_path: str | None = None, quantization: str = "none",

@@ -4,30 +4,22 @@ and user mistakes end with one clear line."""
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
 from lit_ft.cli import main
+from tests.tiny_models import config_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def _command_of(config: Path) -> list[str]:
-    """The `lit-ft ...` command given in the config's first comment line, as arguments."""
-    first = config.read_text().splitlines()[0]
-    assert first.startswith("# lit-ft "), f"{config.name}: first line must give the command that runs it"
-    args = shlex.split(first[len("# lit-ft ") :].split("  ")[0])
-    return [str(ROOT / a) if a.startswith("configs/") else a for a in args]
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_parses_with_its_own_command(config: Path, capsys) -> None:
-    args = _command_of(config)
+    args = config_command(config)
     assert str(config) in args
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--print_config"])
@@ -63,7 +55,7 @@ def test_7b_recipe_code_path_runs_on_local_stand_ins(tmp_path, monkeypatch, tiny
     """configs/mistral7b_qlora_alpaca.yaml with only the model, data and run length swapped: nf4, LoRA on all
     linear layers, packing, gradient checkpointing, NEFTune, bf16 autocast, adapter export."""
     monkeypatch.chdir(tmp_path)
-    recipe = _command_of(ROOT / "configs" / "mistral7b_qlora_alpaca.yaml")
+    recipe = config_command(ROOT / "configs" / "mistral7b_qlora_alpaca.yaml")
     overrides = [
         f"--model.init_args.backbone.pretrained={tiny_base}",
         "--model.init_args.optimizer=torch.optim.AdamW",  # paged AdamW needs CUDA

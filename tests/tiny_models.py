@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
+import lightning as L
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, TinyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = TinyConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -28,3 +34,22 @@ def tiny_mistral(attn: str = "sdpa", vocab_size: int = 32000, seed: int = 0):
     config = MistralConfig(vocab_size=vocab_size, tie_word_embeddings=False, **asdict(TINY))
     config._attn_implementation = attn
     return MistralForCausalLM(config).eval()
+
+
+class StopAt(L.Callback):
+    """Interrupts a run after ``step`` optimizer steps, as a crash would (the schedule still spans max_steps)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def config_command(config: Path) -> list[str]:
+    """The `lit-ft ...` command given in the config's first comment line, as arguments (configs/ made absolute)."""
+    first = config.read_text().splitlines()[0]
+    assert first.startswith("# lit-ft "), f"{config.name}: first line must give the command that runs it"
+    args = shlex.split(first[len("# lit-ft ") :].split("  ")[0])
+    return [str(ROOT / a) if a.startswith("configs/") else a for a in args]

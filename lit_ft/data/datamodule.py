@@ -87,6 +87,8 @@ class ResumableDataLoader(DataLoader):
 class InstructionDataModule(L.LightningDataModule):
     """Loads, tokenizes, and packs (or pads) instruction data for supervised fine-tuning."""
 
+    resolve_record_format = staticmethod(resolve_format)  # subclasses with other record formats replace it
+
     def __init__(
         self,
         source: str | None = None,
@@ -188,9 +190,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.train_format = self._resolve_format(train, train_loc)
         self.train_dataset, self.stats_train = self._build("train", train, train_loc, self.train_format, tokenizer)
         if self.stats_train.examples == 0:
-            raise DataError(f"no usable training examples ({self.stats_train.dropped} of {len(train)} dropped with "
-                            f"overlong={self.overlong}, max_seq_length={self.max_seq_length})",
-                            self.source or "<embedded data>")
+            raise DataError(self._nothing_usable(self.stats_train, len(train)), self.source or "<embedded data>")
         self.val_format = self._resolve_format(val, val_loc)  # a separate val source may use another format
         self.val_dataset, self.stats_val = self._build("val", val, val_loc, self.val_format, tokenizer)
         for stats in (self.stats_train, self.stats_val):
@@ -222,11 +222,16 @@ class InstructionDataModule(L.LightningDataModule):
         return ([records[i] for i in train], [locations[i] for i in train],
                 [records[i] for i in val], [locations[i] for i in val])
 
+    def _nothing_usable(self, stats: Any, records: int) -> str:
+        """The message when no training example survives tokenization."""
+        return (f"no usable training examples ({stats.dropped} of {records} dropped with overlong={self.overlong}, "
+                f"max_seq_length={self.max_seq_length})")
+
     def _resolve_format(self, records: list[dict], locations: list[Location]) -> str:
         """The explicit format, or the one detected from the first record (then required of all)."""
         if self.format != "auto" or not records:
             return self.format  # an empty split tokenizes nothing, so "auto" can stay unresolved
-        return resolve_format("auto", records[0], locations[0])
+        return self.resolve_record_format("auto", records[0], locations[0])
 
     def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
                tokenizer: Any) -> tuple[Dataset, DataStats]:
@@ -256,14 +261,16 @@ class InstructionDataModule(L.LightningDataModule):
 
     def _collator(self) -> PackedCollator | PaddedCollator:
         """The collator for the layout in use; pads with the pad id (unk when the tokenizer has no pad)."""
-        tokenizer = self.resolve_tokenizer()
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = tokenizer.unk_token_id
-        if pad_id is None:
-            raise RuntimeError("tokenizer has neither a pad nor an unk token to pad with")
         collator_cls = PackedCollator if self.packing else PaddedCollator
-        return collator_cls(pad_token_id=pad_id, pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
+        return collator_cls(pad_token_id=self.pad_token_id(), pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
+
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, else its unk id (Mistral has no pad token); neither is a one-line error."""
+        tokenizer = self.resolve_tokenizer()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        if pad_id is None:
+            raise DataError("the tokenizer has neither a pad nor an unk token to pad with: set pad_token")
+        return pad_id
 
     def train_dataloader(self) -> DataLoader:
         """Rows shuffled per epoch with a generator seeded from ``seed`` (deterministic on resume)."""

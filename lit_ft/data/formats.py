@@ -83,16 +83,17 @@ def detect_format(record: dict, location: Location | None = None) -> str:
     )
 
 
-def resolve_format(format: str, record: dict, location: Location | None = None) -> str:
-    """Validate an explicit format name, or detect it from ``record`` when it is ``"auto"``."""
+def resolve_format(format: str, record: dict, location: Location | None = None, *,
+                   known: tuple[str, ...] = FORMATS, detect=detect_format, kind: str = "format") -> str:
+    """Validate an explicit format name (one of ``known``), or ``detect`` it from ``record`` when it is "auto"."""
     if format == "auto":
-        return detect_format(record, location)
-    if format not in FORMATS:
-        raise DataError(f"unknown format '{format}' (expected auto, {', '.join(FORMATS)})")
+        return detect(record, location)
+    if format not in known:
+        raise DataError(f"unknown {kind} '{format}' (expected auto, {', '.join(known)})")
     return format
 
 
-def _string(record: dict, field: str, location: Location | None, *, required: bool = True,
+def string_field(record: dict, field: str, location: Location | None, *, required: bool = True,
             non_empty: bool = False, what: str = "empty") -> str:
     """Fetch a string field, raising a DataError naming the field when it is missing or malformed."""
     value = record.get(field)
@@ -107,29 +108,40 @@ def _string(record: dict, field: str, location: Location | None, *, required: bo
     return value
 
 
-def _chat_messages(record: dict, location: Location | None) -> list[dict[str, str]]:
-    """Validate ``messages``: a list of {role, content} with known roles and string contents."""
-    messages = record.get("messages")
-    if messages is None:
-        raise DataError("missing", location, "messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError("expected a non-empty list of {role, content} objects", location, "messages")
+def validate_messages(value: Any, location: Location | None, field: str = "messages", *,
+                      reject_empty_assistant: bool = True,
+                      expected: str = "a non-empty list of {role, content} objects") -> list[dict[str, str]]:
+    """A list of {role, content} with known roles and string contents; errors name ``field[i]``.
+
+    An empty assistant turn is an error unless ``reject_empty_assistant`` is False (preference pairs count and
+    drop those instead).
+    """
+    if not isinstance(value, list) or not value:
+        raise DataError(f"expected {expected}", location, field)
     clean = []
-    for i, message in enumerate(messages):
+    for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise DataError(f"expected an object, got {type(message).__name__}", location, f"messages[{i}]")
+            raise DataError(f"expected an object, got {type(message).__name__}", location, f"{field}[{i}]")
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise DataError(f"unknown role {role!r} (expected system, user or assistant)", location,
-                            f"messages[{i}].role")
+                            f"{field}[{i}].role")
         content = message.get("content")
         if not isinstance(content, str):
             problem = "missing" if content is None else f"expected a string, got {type(content).__name__}"
-            raise DataError(problem, location, f"messages[{i}].content")
-        if role == "assistant" and not content.strip():
-            raise DataError("empty response", location, f"messages[{i}].content")
+            raise DataError(problem, location, f"{field}[{i}].content")
+        if reject_empty_assistant and role == "assistant" and not content.strip():
+            raise DataError("empty response", location, f"{field}[{i}].content")
         clean.append({"role": role, "content": content})
     return clean
+
+
+def _chat_messages(record: dict, location: Location | None) -> list[dict[str, str]]:
+    """Validate the ``messages`` field of a chat record."""
+    messages = record.get("messages")
+    if messages is None:
+        raise DataError("missing", location, "messages")
+    return validate_messages(messages, location)
 
 
 def _last_assistant(messages: list[dict[str, str]], location: Location | None) -> int:
@@ -221,16 +233,16 @@ def record_segments(record: dict, tokenizer: Any, format: str = "auto",
     """Render ``record`` into text segments (before BOS/EOS and tokenization)."""
     fmt = resolve_format(format, record, location)
     if fmt == "alpaca":
-        instruction = _string(record, "instruction", location, non_empty=True)
-        input_text = _string(record, "input", location, required=False)
-        output = _string(record, "output", location, non_empty=True, what="empty response")
+        instruction = string_field(record, "instruction", location, non_empty=True)
+        input_text = string_field(record, "input", location, required=False)
+        output = string_field(record, "output", location, non_empty=True, what="empty response")
         return [Segment(format_alpaca_prompt(instruction, input_text), False), Segment(output, True, eos=True)]
     if fmt == "prompt_completion":
-        prompt = _string(record, "prompt", location, non_empty=True)
-        completion = _string(record, "completion", location, non_empty=True, what="empty response")
+        prompt = string_field(record, "prompt", location, non_empty=True)
+        completion = string_field(record, "completion", location, non_empty=True, what="empty response")
         return [Segment(prompt, False), Segment(completion, True, eos=True)]
     if fmt == "text":
-        return [Segment(_string(record, "text", location, non_empty=True), True, eos=True)]
+        return [Segment(string_field(record, "text", location, non_empty=True), True, eos=True)]
     messages = _chat_messages(record, location)
     messages = messages[: _last_assistant(messages, location) + 1]  # trailing user turns carry no loss
     template = _chat_template_for(tokenizer, chat_template)
@@ -319,13 +331,13 @@ def format_prompt(record: dict, tokenizer: Any, format: str = "auto",
     if fmt == "text":
         raise DataError("format 'text' has no prompt to generate from", location)
     if fmt == "alpaca":
-        instruction = _string(record, "instruction", location, non_empty=True)
-        input_text = _string(record, "input", location, required=False)
+        instruction = string_field(record, "instruction", location, non_empty=True)
+        input_text = string_field(record, "input", location, required=False)
         segments = [Segment(format_alpaca_prompt(instruction, input_text), False)]
-        reference = _string(record, "output", location, required=False) or None
+        reference = string_field(record, "output", location, required=False) or None
     elif fmt == "prompt_completion":
-        segments = [Segment(_string(record, "prompt", location, non_empty=True), False)]
-        reference = _string(record, "completion", location, required=False) or None
+        segments = [Segment(string_field(record, "prompt", location, non_empty=True), False)]
+        reference = string_field(record, "completion", location, required=False) or None
     else:
         messages = _chat_messages(record, location)
         reference = None

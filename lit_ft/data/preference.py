@@ -1,0 +1,344 @@
+"""Preference pairs for reward modelling: datasets, batches, the embedded pairs and the DataModule.
+
+Records become token pairs in :mod:`lit_ft.data.preference_formats` (formats, HH transcripts, truncation); this
+module stores them, batches B pairs as 2B rows (chosen rows first, then rejected rows) and builds the embedded
+pairs from the SFT tasks of :mod:`lit_ft.data.synthetic`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from lit_ft.data.datamodule import InstructionDataModule, _progress
+from lit_ft.data.formats import IGNORE_INDEX
+from lit_ft.data.packing import ExampleStore
+from lit_ft.data.preference_formats import (
+    PREFERENCE_FORMATS,
+    EmptyResponse,
+    PreferencePair,
+    detect_preference_format,
+    encode_prompt_response,
+    hh_turns,
+    parse_hh,
+    prompt_messages,
+    resolve_preference_format,
+    split_shared_prompt,
+    tokenize_pair,
+    truncate_pair,
+)
+from lit_ft.data.sources import DataError, Location
+from lit_ft.data.synthetic import Fact, generate_facts, split_facts
+
+PADDING_SIDES = ("right", "left")
+
+__all__ = [
+    "PADDING_SIDES",
+    "PREFERENCE_FORMATS",
+    "EmptyResponse",
+    "PairStats",
+    "PreferenceCollator",
+    "PreferenceDataModule",
+    "PreferenceDataset",
+    "PreferencePair",
+    "build_pairs",
+    "detect_preference_format",
+    "encode_prompt_response",
+    "hh_turns",
+    "near_miss",
+    "pair_stats",
+    "parse_hh",
+    "preference_records",
+    "prompt_messages",
+    "resolve_preference_format",
+    "split_shared_prompt",
+    "tokenize_pair",
+    "truncate_pair",
+]
+
+
+# ------------------------------------------------------------------------------------------ datasets, batches
+@dataclass
+class PairStats:
+    """Counts and lengths of one split, logged once at setup."""
+
+    name: str
+    records: int
+    pairs: int
+    identical: int = 0  # dropped: both responses tokenize identically
+    empty: int = 0  # dropped: an empty assistant turn
+    too_long: int = 0  # dropped: the longer response does not fit max_seq_length
+    prompts_cut: int = 0  # kept, with the prompt cut from the left
+    with_margin: int = 0
+    prompt_mean: float = 0.0
+    prompt_max: int = 0
+    response_mean: float = 0.0
+    response_max: int = 0
+    sequence_mean: float = 0.0
+    sequence_max: int = 0
+
+    @property
+    def examples(self) -> int:
+        return self.pairs
+
+    @property
+    def dropped(self) -> int:
+        return self.identical + self.empty + self.too_long
+
+    def __str__(self) -> str:
+        margin = f", {self.with_margin:,} with a margin" if self.with_margin else ""
+        return (f"{self.name}: {self.pairs:,} pairs from {self.records:,} records{margin}; tokens per sequence mean "
+                f"{self.sequence_mean:.1f}, max {self.sequence_max:,} (prompt mean {self.prompt_mean:.1f}, max "
+                f"{self.prompt_max:,}; response mean {self.response_mean:.1f}, max {self.response_max:,}); "
+                f"prompts cut {self.prompts_cut:,}; dropped {self.identical:,} identical, {self.empty:,} empty, "
+                f"{self.too_long:,} too long")
+
+
+def pair_stats(name: str, records: int, pairs: Sequence[PreferencePair], **counts: int) -> PairStats:
+    """Stats of the kept pairs (lengths after truncation) plus the drop counts."""
+    stats = PairStats(name=name, records=records, pairs=len(pairs), **counts)
+    if pairs:
+        prompts = [len(p.prompt_ids) for p in pairs]
+        responses = [len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+        sequences = [n for p in pairs for n in (p.chosen_length, p.rejected_length)]
+        stats.with_margin = sum(p.margin != 0 for p in pairs)
+        stats.prompt_mean, stats.prompt_max = sum(prompts) / len(prompts), max(prompts)
+        stats.response_mean, stats.response_max = sum(responses) / len(responses), max(responses)
+        stats.sequence_mean, stats.sequence_max = sum(sequences) / len(sequences), max(sequences)
+    return stats
+
+
+def build_pairs(records: Sequence[dict], locations: Sequence[Location], tokenizer: Any, format: str,
+                max_seq_length: int, chat_template: str | None = None, name: str = "train"
+                ) -> tuple[list[PreferencePair], PairStats]:
+    """Tokenize, drop (identical, empty, too long) and truncate the pairs of one split."""
+    kept: list[PreferencePair] = []
+    counts = {"identical": 0, "empty": 0, "too_long": 0, "prompts_cut": 0}
+    for record, location in _progress(list(records), list(locations), name):
+        try:
+            pair = tokenize_pair(record, tokenizer, format, chat_template, location)
+        except EmptyResponse:
+            counts["empty"] += 1
+            continue
+        if pair.chosen_ids == pair.rejected_ids:
+            counts["identical"] += 1
+            continue
+        cut = truncate_pair(pair, max_seq_length)
+        if cut is None:
+            counts["too_long"] += 1
+            continue
+        counts["prompts_cut"] += cut is not pair
+        kept.append(cut)
+    return kept, pair_stats(name, len(records), kept, **counts)
+
+
+class PreferenceDataset(Dataset):
+    """Pairs as two compact :class:`ExampleStore` s (prompt + chosen, prompt + rejected) and their margins."""
+
+    def __init__(self, pairs: Sequence[PreferencePair]):
+        def store(side: str) -> ExampleStore:
+            examples = []
+            for p in pairs:
+                response = getattr(p, side)
+                examples.append({"input_ids": p.prompt_ids + response,
+                                 "labels": [IGNORE_INDEX] * len(p.prompt_ids) + response})
+            return ExampleStore(examples)
+
+        self.chosen = store("chosen_ids")
+        self.rejected = store("rejected_ids")
+        self.margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.margins)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"chosen_input_ids": self.chosen.get(index)[0], "rejected_input_ids": self.rejected.get(index)[0],
+                "margin": self.margins[index]}
+
+
+@dataclass
+class PreferenceCollator:
+    """B pairs -> 2B rows: chosen rows first, then rejected rows, padded to one width.
+
+    Returns ``input_ids``, ``attention_mask`` and ``position_ids`` (2B, L) and ``margin`` (B,). Position ids count
+    real tokens only, so left- and right-padded rows give the same hidden states.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int = 8
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in PADDING_SIDES:
+            raise DataError(f"padding_side must be 'right' or 'left', got '{self.padding_side}'")
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [item["chosen_input_ids"] for item in items] + [item["rejected_input_ids"] for item in items]
+        longest = max(len(r) for r in rows)
+        multiple = max(1, self.pad_to_multiple_of)
+        width = -(-longest // multiple) * multiple
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row)
+            cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            input_ids[i, cols] = torch.as_tensor(row, dtype=torch.long)
+            attention_mask[i, cols] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        margin = torch.stack([torch.as_tensor(item.get("margin", 0.0), dtype=torch.float32) for item in items])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "margin": margin}
+
+
+# --------------------------------------------------------------------------------------------- embedded pairs
+def near_miss(fact: Fact, rng: random.Random) -> str:
+    """A plausible wrong answer: off by one for numbers; for sequences, two unequal neighbours swapped (the nearest
+    miss), or one item changed by one step when all items are equal.
+    """
+    if fact.task in ("reverse", "sort"):
+        items = fact.answer.split(" ")
+        adjacent = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
+        if adjacent:
+            i = rng.choice(adjacent)
+            items[i], items[i + 1] = items[i + 1], items[i]
+        else:  # every item equal: change one by one step
+            i = rng.randrange(len(items))
+            items[i] = chr((ord(items[i]) - 97 + 1) % 26 + 97) if items[i].isalpha() else str((int(items[i]) + 1) % 10)
+        return " ".join(items)
+    n = int(fact.answer)
+    return str(rng.choice([m for m in (n - 1, n + 1) if m >= 0]))
+
+
+def preference_records(facts: Sequence[Fact], seed: int, rejected_per_fact: int = 1) -> list[dict]:
+    """Alpaca-format pairs (``instruction``, ``input``, ``chosen``, ``rejected``, ``task``) from embedded facts.
+
+    With ``rejected_per_fact`` > 1, each fact gives several pairs with distinct wrong answers (as many as exist).
+    """
+    rng = random.Random(seed)
+    records = []
+    for fact in facts:
+        wrong: list[str] = []
+        for _ in range(4 * rejected_per_fact):
+            candidate = near_miss(fact, rng)
+            if candidate not in wrong and candidate != fact.answer:
+                wrong.append(candidate)
+            if len(wrong) == rejected_per_fact:
+                break
+        records += [{"instruction": fact.question, "input": "", "chosen": fact.answer, "rejected": w,
+                     "task": fact.task} for w in wrong]
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ DataModule
+class PreferenceDataModule(InstructionDataModule):
+    """Preference pairs for the reward model: a file or hub dataset, or the embedded pairs when ``source`` is None.
+
+    Batches hold B pairs as 2B rows (chosen rows, then rejected rows) with ``attention_mask``, ``position_ids``
+    and ``margin``. The training order is a seeded shuffle that resumes exactly from a checkpoint.
+
+    Args:
+        source: local file (.json, .jsonl, .json.gz, .jsonl.gz, .parquet), datasets-loadable directory or hub id
+            (e.g. ``Anthropic/hh-rlhf``). None uses the embedded pairs built from the SFT tasks.
+        format: auto (detect from the first record), alpaca, prompt, chat or hh.
+        split: split of a hub dataset or directory to train on.
+        val_source: separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
+        val_split: split of ``val_source`` (default: ``split``); ``test`` for ``Anthropic/hh-rlhf``.
+        val_split_fraction: fraction of ``source`` held out for validation when there is no ``val_source``.
+        max_seq_length: longest sequence (prompt + one response) in tokens; prompts are cut from the left to fit.
+        padding_side: "right" (default) or "left"; the reward is read at each row's last real token either way.
+        micro_batch_size: pairs per batch on each device (2x rows).
+        num_workers: DataLoader worker processes.
+        seed: seed of the validation split and the per-epoch shuffle.
+        max_examples: use only the first this many records of ``source`` (or embedded training pairs).
+        chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces ``[INST] ... [/INST]``.
+        subset: configuration name of a hub dataset.
+        num_train: embedded SFT-train facts (2000: must match the SFT stage's ``EmbeddedTasks``).
+        num_heldout: embedded held-out facts, one pair each (200: must match ``EmbeddedTasks``).
+        world_seed: seed of the embedded world (1234: must match the SFT stage and the pre-trained base).
+        rejected_per_fact: embedded training pairs per fact, each with a different wrong answer (held-out: 1).
+        extra_facts: fresh embedded facts added to the training pairs (never a held-out question), so that the
+            reward model learns to check answers rather than to remember the SFT facts.
+        tokenizer: tokenizer to use; None takes the LightningModule's.
+    """
+
+    resolve_record_format = staticmethod(resolve_preference_format)
+
+    def __init__(
+        self,
+        source: str | None = None,
+        format: str = "auto",
+        split: str = "train",
+        val_source: str | None = None,
+        val_split: str | None = None,
+        val_split_fraction: float = 0.05,
+        max_seq_length: int = 1024,
+        padding_side: str = "right",
+        micro_batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        max_examples: int | None = None,
+        chat_template: str | None = None,
+        subset: str | None = None,
+        num_train: int = 2000,
+        num_heldout: int = 200,
+        world_seed: int = 1234,
+        rejected_per_fact: int = 1,
+        extra_facts: int = 0,
+        tokenizer: Any = None,
+    ):
+        super().__init__(source=source, format="auto", split=split, val_source=val_source,
+                         val_split_fraction=val_split_fraction, max_seq_length=max_seq_length, packing=False,
+                         micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed,
+                         max_examples=max_examples, chat_template=chat_template, subset=subset,
+                         val_split=val_split, tokenizer=tokenizer)
+        if format != "auto" and format not in PREFERENCE_FORMATS:
+            raise DataError(f"unknown preference format '{format}' (expected auto, {', '.join(PREFERENCE_FORMATS)})")
+        if padding_side not in PADDING_SIDES:
+            raise DataError(f"padding_side must be 'right' or 'left', got '{padding_side}'")
+        if rejected_per_fact < 1:
+            raise DataError(f"rejected_per_fact must be >= 1, got {rejected_per_fact}")
+        self.format = format
+        self.padding_side = padding_side
+        self.num_train = num_train
+        self.num_heldout = num_heldout
+        self.world_seed = world_seed
+        self.rejected_per_fact = rejected_per_fact
+        self.extra_facts = extra_facts
+        self.stats_train: PairStats | None = None
+        self.stats_val: PairStats | None = None
+
+    @property
+    def prompt_format(self) -> str | None:
+        """How prompts are rendered: "alpaca" or "chat" (what a scorer must reproduce), None before setup."""
+        if self.train_format is None or self.train_format == "auto":
+            return None
+        return "alpaca" if self.train_format == "alpaca" else "chat"
+
+    def embedded_records(self) -> tuple[list[dict], list[dict]]:
+        """Pairs from the SFT tasks, with SFT's train/held-out split of the facts."""
+        train, heldout = split_facts(self.world_seed, self.num_train, self.num_heldout)
+        if self.extra_facts:  # fresh facts of the same tasks; never a held-out question
+            seen = {f.question for f in train + heldout}
+            train = train + [f for f in generate_facts(self.extra_facts, self.world_seed + 11) if f.question not in seen]
+        return (preference_records(train, self.world_seed + 7, self.rejected_per_fact),
+                preference_records(heldout, self.world_seed + 8, 1))
+
+    def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
+               tokenizer: Any) -> tuple[Dataset, PairStats]:
+        pairs, stats = build_pairs(records, locations, tokenizer, fmt, self.max_seq_length, self.chat_template, name)
+        return PreferenceDataset(pairs), stats
+
+    def _nothing_usable(self, stats: PairStats, records: int) -> str:
+        return (f"no usable training pairs ({stats.dropped} of {records} dropped: {stats.identical} identical, "
+                f"{stats.empty} empty, {stats.too_long} too long for max_seq_length={self.max_seq_length})")
+
+    def _collator(self) -> PreferenceCollator:
+        return PreferenceCollator(pad_token_id=self.pad_token_id(), padding_side=self.padding_side)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "format": self.train_format, "max_seq_length": self.max_seq_length}
