@@ -6,7 +6,7 @@ LITFT := $(BIN)/lit-ft
 BASE := artifacts/base/tiny-mistral
 ARGS ?=
 
-.PHONY: install pretrain sft pipeline test test-all bench lint clean
+.PHONY: install pretrain sft rm ppo pipeline test test-all bench lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,19 @@ pretrain:
 sft: $(BASE)/config.json
 	$(LITFT) fit --config configs/sft.yaml $(ARGS)
 
-pipeline: sft
+# Starts from the SFT adapter (artifacts/sft/adapter) when `make sft` has run, else from the base.
+rm: $(BASE)/config.json
+	$(LITFT) fit --config configs/rm.yaml $(ARGS)
+
+# PPO of the SFT policy (artifacts/sft/adapter) against the reward model (artifacts/rm): run `make sft rm` first.
+ppo: $(BASE)/config.json
+	$(LITFT) fit --config configs/ppo.yaml $(ARGS)
+
+# The whole post-training pipeline on the embedded default: pre-train (once), SFT, reward model, PPO.
+pipeline:
+	$(MAKE) sft
+	$(MAKE) rm
+	$(MAKE) ppo
 
 test:
 	$(BIN)/pytest -q
