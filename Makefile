@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 LITFT := $(BIN)/lit-ft
 BASE := artifacts/base/tiny-mistral
+SFT_ADAPTER := artifacts/sft/adapter/adapter_config.json
+RM_EXPORT := artifacts/rm/reward_stats.json
 ARGS ?=
 
 .PHONY: install pretrain sft rm ppo pipeline test test-all bench lint clean
@@ -30,12 +32,20 @@ pretrain:
 sft: $(BASE)/config.json
 	$(LITFT) fit --config configs/sft.yaml $(ARGS)
 
-# Starts from the SFT adapter (artifacts/sft/adapter) when `make sft` has run, else from the base.
-rm: $(BASE)/config.json
+# Stage outputs that later stages start from: built once when absent (`make sft` / `make rm` retrain on demand).
+$(SFT_ADAPTER): $(BASE)/config.json
+	$(LITFT) fit --config configs/sft.yaml
+
+$(RM_EXPORT): $(SFT_ADAPTER)
+	$(LITFT) fit --config configs/rm.yaml
+
+# The reward model starts from the SFT adapter (made first when absent). `lit-ft fit --config configs/rm.yaml`
+# alone starts from the base model when there is no SFT adapter.
+rm: $(SFT_ADAPTER)
 	$(LITFT) fit --config configs/rm.yaml $(ARGS)
 
-# PPO of the SFT policy (artifacts/sft/adapter) against the reward model (artifacts/rm): run `make sft rm` first.
-ppo: $(BASE)/config.json
+# PPO of the SFT policy against the reward model (both made first when absent).
+ppo: $(SFT_ADAPTER) $(RM_EXPORT)
 	$(LITFT) fit --config configs/ppo.yaml $(ARGS)
 
 # The whole post-training pipeline on the embedded default: pre-train (once), SFT, reward model, PPO.

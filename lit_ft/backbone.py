@@ -106,6 +106,12 @@ class Backbone:
     init_adapter: str | None = None
     init_adapter_required: bool = True
 
+    def __post_init__(self) -> None:
+        # jsonargparse hands `--model.backbone.init_adapter null` to a nested dataclass as the string "None".
+        for name in ("pretrained", "tokenizer", "init_adapter"):
+            if getattr(self, name) in ("None", "null"):
+                setattr(self, name, None)
+
 
 # Checkpoints store these settings as hyper-parameters; allow them in weights-only loading (resume).
 torch.serialization.add_safe_globals([Backbone, TinyConfig, LoraSettings])

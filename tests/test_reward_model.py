@@ -342,3 +342,11 @@ def test_7b_rm_recipe_code_path_runs_on_local_stand_ins(tmp_path, monkeypatch, t
     assert "pairs from 18 records" in out and "held-out pairwise accuracy:" in out
     assert list((tmp_path / "runs" / "mistral7b_qlora_rm_hh" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "runs" / "mistral7b_qlora_rm_hh" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_init_adapter_null_on_the_command_line_means_the_base_model() -> None:
+    from lit_ft.cli import LitFtCLI
+
+    cli = LitFtCLI(args=["--config", str(ROOT / "configs" / "rm.yaml"), "--model.backbone.init_adapter", "null",
+                         "--trainer.logger", "false"], run=False)
+    assert cli.model.backbone.init_adapter is None
