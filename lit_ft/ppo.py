@@ -44,7 +44,7 @@ from lit_ft.backbone import (
 )
 from lit_ft.causal_lm import default_optimizer
 from lit_ft.data.formats import Prompt
-from lit_ft.data.prompts import LeftPadCollator
+from lit_ft.data.packing import pad_rows, position_ids_from_mask
 from lit_ft.data.synthetic import exact_match
 from lit_ft.ppo_losses import (
     AdaptiveKLController,
@@ -62,7 +62,7 @@ from lit_ft.ppo_losses import (
 )
 from lit_ft.programmatic_rewards import ProgrammaticReward
 from lit_ft.reward_model import active_adapter, init_score_head, load_reward_model, sequence_rewards
-from lit_ft.rollout import position_ids_from_mask, response_hidden, response_logits, sample
+from lit_ft.rollout import response_hidden, response_logits, sample
 from lit_ft.schedules import WarmupCosine, optimizer_and_schedule
 
 POLICY, VALUE, REWARD, REFERENCE = "policy", "value", "reward", "reference"
@@ -350,9 +350,9 @@ class PPO(BackboneModule, L.LightningModule):
             for minibatch in _chunks(order, self.minibatch_size):
                 tokens = r.mask[minibatch].sum().clamp(min=1)
                 for rows in _chunks(minibatch, self.forward_batch_size):
-                    stats = self._micro_step(r, rows, float(r.mask[rows].sum() / tokens))
-                    for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + value * float(r.mask[rows].sum() / tokens)
+                    weight = float(r.mask[rows].sum() / tokens)  # this chunk's share of the minibatch's tokens
+                    for key, value in self._micro_step(r, rows, weight).items():
+                        sums[key] = sums.get(key, 0.0) + value * weight
                 if self.max_grad_norm:
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm,
                                         gradient_clip_algorithm="norm")
@@ -423,10 +423,9 @@ class PPO(BackboneModule, L.LightningModule):
         texts, rm_scores = [], []
         device = self.device
         for start in range(0, len(prompts), self.eval_batch_size):
-            chunk = prompts[start:start + self.eval_batch_size]
-            batch = LeftPadCollator(pad)([{"input_ids": torch.tensor(p.input_ids), "index": i}
-                                          for i, p in enumerate(chunk)])
-            query, query_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            query, query_mask = pad_rows([p.input_ids for p in prompts[start:start + self.eval_batch_size]], pad,
+                                         "left")
+            query, query_mask = query.to(device), query_mask.to(device)
             with active_adapter(self.model, POLICY):
                 samples = sample(self.model, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
                                  pad, greedy=True)

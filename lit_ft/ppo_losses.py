@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from lit_ft.data.packing import last_token_index
+
 KL_ESTIMATORS = ("k1", "k3")
 
 
@@ -108,9 +110,7 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     m = _m(mask, kl)
     kl = _apply(kl, m)
     rewards = -beta * kl
-    T = m.shape[1]
-    # Last index where mask == 1: T - 1 - (first 1 in the reversed row); argmax returns the first maximum.
-    last = T - 1 - torch.flip(m, dims=[1]).argmax(dim=1)
+    last = last_token_index(m)
     has_token = (m.sum(dim=1) > 0).to(kl.dtype)
     score = _f(scores).to(device=kl.device, dtype=kl.dtype) * has_token
     return rewards.scatter_add(1, last.unsqueeze(1), score.unsqueeze(1)), kl

@@ -42,6 +42,7 @@ from lit_ft.backbone import (
     save_adapter,
 )
 from lit_ft.causal_lm import default_optimizer
+from lit_ft.data.packing import last_token_index, position_ids_from_mask
 from lit_ft.reward_losses import (
     PairMetrics,
     center_rewards_loss,
@@ -62,17 +63,11 @@ def init_score_head(head: nn.Linear) -> nn.Linear:
     return head
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token (mask 1), for right or left padding alike."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(-1)
-
-
 def sequence_rewards(model: nn.Module, head: nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One reward per row, read at the row's last real token; float32, shape (rows,)."""
     if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(attention_mask)
     decoder, _ = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state

@@ -16,11 +16,7 @@ import torch
 from torch import nn
 
 from lit_ft.backbone import decoder_and_head
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over each row's real tokens (padding gets 0): right for left and right padding alike."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from lit_ft.data.packing import position_ids_from_mask
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lit_ft.backbone import Backbone, BackboneError, build_model, load_tokenizer
+from lit_ft.data.packing import pad_rows
 from lit_ft.data.preference_formats import (
     EmptyResponse,
     PreferencePair,
@@ -75,13 +76,7 @@ def score_rows(scorer: RewardScorer, tokenizer: Any, rows: list[dict], prompt_fo
     scorer.model.eval()
     rewards: list[float] = []
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_rows(sequences[start:start + batch_size], pad)
         rewards += scorer(ids.to(device), mask.to(device)).tolist()
     return rewards
 

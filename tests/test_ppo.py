@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
+from lit_ft.data.packing import position_ids_from_mask
 from lit_ft.data.prompts import LeftPadCollator, PromptDataModule, cut_prompt, record_prompt
 from lit_ft.ppo import PPO
 from lit_ft.ppo_losses import AdaptiveKLController
 from lit_ft.programmatic_rewards import ExactMatchReward
 from lit_ft.reward_model import RewardModel
-from lit_ft.rollout import position_ids_from_mask, response_hidden, response_logits, sample, top_p_filter
+from lit_ft.rollout import response_hidden, response_logits, sample, top_p_filter
 from tests.tiny_models import TINY, StopAt, config_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, add_adapter, save_full_model
+from lit_ft.data.packing import last_token_index
 from lit_ft.data.preference import PreferenceCollator, PreferenceDataModule
 from lit_ft.reward_losses import (
     PairMetrics,
@@ -19,7 +20,7 @@ from lit_ft.reward_losses import (
     pairwise_loss,
     reward_loss,
 )
-from lit_ft.reward_model import RewardModel, init_score_head, last_token_index, load_reward_model
+from lit_ft.reward_model import RewardModel, init_score_head, load_reward_model
 from tests.tiny_models import TINY, StopAt, config_command
 
 ROOT = Path(__file__).resolve().parents[1]

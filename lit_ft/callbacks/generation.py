@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_ft.data.formats import format_prompt
+from lit_ft.data.packing import pad_rows
 from lit_ft.data.synthetic import exact_match
 
 
@@ -26,13 +27,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     device = next(p for p in model.parameters()).device
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, mask = pad_rows(prompts[start : start + batch_size], tokenizer.pad_token_id, "left")
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

@@ -154,6 +154,33 @@ def _round_up(length: int, multiple: int) -> int:
     return length if multiple <= 1 else -(-length // multiple) * multiple
 
 
+def pad_rows(rows: list, pad_token_id: int, side: str = "right", multiple: int = 1
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows stacked to one width (the longest, rounded up to ``multiple``), padded on ``side``.
+
+    Returns ``input_ids`` and ``attention_mask`` (1 at real tokens), both (rows, width) LongTensors.
+    """
+    width = _round_up(max(len(row) for row in rows), multiple)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        input_ids[i, cols] = torch.as_tensor(row, dtype=torch.long)
+        attention_mask[i, cols] = 1
+    return input_ids, attention_mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over each row's real tokens (padding gets 0): right for left and right padding alike."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (mask 1), for right or left padding alike (0 for an empty row)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
 def _right_pad(items: list[dict[str, torch.Tensor]], pad_token_id: int, multiple: int) -> dict[str, torch.Tensor]:
     """Stack ``input_ids``/``labels`` right-padded to the batch's longest (rounded up), plus ``lengths``."""
     width = _round_up(max(len(item["input_ids"]) for item in items), multiple)

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from lit_ft.data.datamodule import InstructionDataModule, _progress
 from lit_ft.data.formats import IGNORE_INDEX
-from lit_ft.data.packing import ExampleStore
+from lit_ft.data.packing import ExampleStore, pad_rows, position_ids_from_mask
 from lit_ft.data.preference_formats import (
     PREFERENCE_FORMATS,
     EmptyResponse,
@@ -179,17 +179,8 @@ class PreferenceCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [item["chosen_input_ids"] for item in items] + [item["rejected_input_ids"] for item in items]
-        longest = max(len(r) for r in rows)
-        multiple = max(1, self.pad_to_multiple_of)
-        width = -(-longest // multiple) * multiple
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row)
-            cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
-            input_ids[i, cols] = torch.as_tensor(row, dtype=torch.long)
-            attention_mask[i, cols] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention_mask = pad_rows(rows, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
+        position_ids = position_ids_from_mask(attention_mask)
         margin = torch.stack([torch.as_tensor(item.get("margin", 0.0), dtype=torch.float32) for item in items])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "margin": margin}

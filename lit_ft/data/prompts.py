@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from lit_ft.data.datamodule import InstructionDataModule, _progress
 from lit_ft.data.formats import FORMATS, Prompt, format_prompt
+from lit_ft.data.packing import pad_rows
 from lit_ft.data.preference_formats import PREFERENCE_FORMATS, pair_parts, resolve_preference_format
 from lit_ft.data.sources import DataError, Location
 from lit_ft.data.synthetic import instruction_records, split_facts
@@ -94,13 +95,7 @@ class LeftPadCollator:
     pad_token_id: int
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(item["input_ids"]) for item in items)
-        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            input_ids[row, width - n:] = item["input_ids"]
-            attention_mask[row, width - n:] = 1
+        input_ids, attention_mask = pad_rows([item["input_ids"] for item in items], self.pad_token_id, "left")
         index = torch.tensor([item["index"] for item in items], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index}
 
