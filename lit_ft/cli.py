@@ -3,7 +3,14 @@
     lit-ft fit --config configs/sft.yaml
     lit-ft fit --config configs/sft.yaml --model.backbone.quantization nf4
     python -m lit_ft fit --config configs/mistral7b_qlora_alpaca.yaml
+
+Tools that do not train are subcommands of the same command, each a module with ``main(argv)``:
+
     lit-ft score --adapter artifacts/rm --prompt "What is 3 + 4?" --response 7 --response 8   (lit_ft.score)
+    lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml                              (lit_ft.estimate)
+    lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          (lit_ft.export)
+    lit-ft generate --adapter artifacts/sft/adapter --prompt "What is 3 + 4?" --compare        (lit_ft.generate)
+    lit-ft sweep configs/sweeps/sft.yaml --offline --trials 3                                 (lit_ft.sweep)
 
 User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing) end with one
 line on stderr naming what is wrong and where, not a traceback.
@@ -11,6 +18,7 @@ line on stderr naming what is wrong and where, not a traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -22,6 +30,15 @@ from lit_ft.backbone import BackboneError
 from lit_ft.data.sources import DataError
 
 USER_ERRORS = (DataError, BackboneError)
+
+# Subcommands that are plain tools rather than LightningCLI stages: name -> module holding ``main(argv)``.
+TOOLS = {
+    "score": "lit_ft.score",
+    "estimate": "lit_ft.estimate",
+    "export": "lit_ft.export",
+    "generate": "lit_ft.generate",
+    "sweep": "lit_ft.sweep",
+}
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -69,10 +86,8 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv[:1] == ["score"]:  # a plain tool, not a LightningCLI subcommand
-            from lit_ft.score import main as score_main
-
-            score_main(argv[1:])
+        if argv[:1] and argv[0] in TOOLS:  # a plain tool, not a LightningCLI subcommand
+            importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
             return
         LitFtCLI(args=args)
     except Exception as err:  # user mistakes become one line; anything else re-raises
