@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -10,9 +11,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_ft.data.formats import FORMATS, resolve_format, tokenize_record
+from lit_ft.data.formats import FORMATS, IGNORE_INDEX, resolve_format, tokenize_record
 from lit_ft.data.packing import (
     DataStats,
     ExampleStore,
@@ -31,21 +32,36 @@ log = logging.getLogger("lit_ft")
 
 PROGRESS_BAR_MIN_RECORDS = 10_000  # below this, tokenizing takes a second or two: no bar needed
 PAD_TO_MULTIPLE_OF = 8  # tensor-core friendly batch widths
+OVERLONG_CHOICES = ("truncate", "drop", "error")  # error: fail on the first overlong example, naming it
 
 
-class SeededShuffleSampler(Sampler[int]):
-    """Shuffles ``range(n)`` with a torch Generator seeded by ``seed + epoch``, and resumes mid-epoch.
+class SeededShuffleSampler(DistributedSampler):
+    """Shuffles ``range(n)`` with a torch Generator seeded by ``seed + epoch``, splits it across DDP ranks, and
+    resumes mid-epoch.
 
     Lightning calls :meth:`set_epoch` each epoch, so the order of every epoch is a pure function of the seed and
     the epoch number. The data module counts the batches the training loop actually consumed (not the ones the
     loader prefetched) in ``consumed_batches``; a checkpoint stores it, and after a restore the first epoch
     skips exactly those items: nothing is seen twice, nothing is skipped.
+
+    Across ``num_replicas`` ranks, rank r takes items r, r + R, r + 2R... of the epoch's order, so that R ranks
+    with micro-batch b see, step for step, exactly the items one process with micro-batch R x b sees. At the end
+    of an epoch the order is padded with its own first items to a multiple of R, as ``DistributedSampler`` does.
+    It subclasses ``DistributedSampler`` only so that Lightning keeps it instead of wrapping it in another one.
     """
 
-    def __init__(self, num_items: int, seed: int, batch_size: int = 1):
+    def __init__(self, num_items: int, seed: int, batch_size: int = 1, num_replicas: int = 1, rank: int = 0):
+        # DistributedSampler.__init__ is not called: it needs a process group, and the split is done here.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.num_items = num_items
         self.seed = seed
         self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle, self.drop_last = True, False  # read by Lightning's shuffling checks
+        self.num_samples = math.ceil(num_items / num_replicas)
+        self.total_size = self.num_samples * num_replicas
         self.epoch = 0
         self.consumed_batches = 0
         self._skip_items = 0
@@ -57,21 +73,28 @@ class SeededShuffleSampler(Sampler[int]):
             self._skip_items = 0
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_items, generator=generator).tolist()
         start, self._skip_items = self._skip_items, 0
-        return iter(order[start:])
+        rest = order[start:]
+        if self.num_replicas > 1 and rest:
+            rest += (rest * self.num_replicas)[: -len(rest) % self.num_replicas]  # every rank gets as many items
+        return iter(rest[self.rank :: self.num_replicas])
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed_batches": self.consumed_batches, "seed": self.seed}
+        return {"epoch": self.epoch, "consumed_batches": self.consumed_batches, "seed": self.seed,
+                "items_per_batch": self.batch_size * self.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self.consumed_batches = int(state["consumed_batches"])
-        self._skip_items = min(self.num_items, self.consumed_batches * self.batch_size)
+        per_batch = int(state.get("items_per_batch", self.batch_size * self.num_replicas))
+        self._skip_items = min(self.num_items, self.consumed_batches * per_batch)
+        if per_batch != self.batch_size * self.num_replicas:  # another world size: count in items, not batches
+            self.consumed_batches = self._skip_items // (self.batch_size * self.num_replicas)
 
 
 class ResumableDataLoader(DataLoader):
@@ -119,7 +142,8 @@ class InstructionDataModule(L.LightningDataModule):
             val_split_fraction: Fraction of the training records held out for validation (0 disables).
             max_seq_length: Longest sequence (packed row or single example) in tokens.
             packing: Pack several examples per row (position ids restart per example) instead of padding.
-            overlong: What to do with examples longer than max_seq_length: truncate or drop.
+            overlong: What to do with examples longer than max_seq_length: truncate, drop, or error (stop
+                before training at the first one, naming its file and line).
             micro_batch_size: Rows per batch on each device.
             num_workers: DataLoader worker processes (0 loads in the main process).
             seed: Seed for the validation split and the per-epoch shuffle.
@@ -136,8 +160,8 @@ class InstructionDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["tokenizer"])
         if format != "auto" and format not in FORMATS:
             raise DataError(f"unknown format '{format}' (expected auto, {', '.join(FORMATS)})")
-        if overlong not in ("truncate", "drop"):
-            raise DataError(f"overlong must be 'truncate' or 'drop', got '{overlong}'")
+        if overlong not in OVERLONG_CHOICES:
+            raise DataError(f"overlong must be one of {', '.join(OVERLONG_CHOICES)}, got '{overlong}'")
         if not 0.0 <= val_split_fraction < 1.0:
             raise DataError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}")
         if max_seq_length < 2 or micro_batch_size < 1:
@@ -236,10 +260,11 @@ class InstructionDataModule(L.LightningDataModule):
     def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
                tokenizer: Any) -> tuple[Dataset, DataStats]:
         """Tokenize, apply the overlong policy, then pack or pad one split."""
-        examples, empty = [], []
+        examples, examples_at, empty = [], [], []
         for record, location in _progress(records, locations, name):
             try:
                 examples.append(tokenize_record(record, tokenizer, fmt, self.chat_template, location))
+                examples_at.append(location)
             except DataError as err:
                 if not (self.skip_empty_responses and err.problem == "empty response"):
                     raise
@@ -248,7 +273,11 @@ class InstructionDataModule(L.LightningDataModule):
             log.warning("%s: skipped %d records with an empty response, first: %s", name, len(empty), empty[0])
             if rank_zero_only.rank == 0:
                 print(f"[data] {name}: skipped {len(empty)} records with an empty response (first: {empty[0]})")
-        kept = handle_overlong(examples, self.max_seq_length, self.overlong)
+        overlong = self.overlong
+        if overlong == "error":
+            _fail_on_overlong(examples, examples_at, self.max_seq_length)
+            overlong = "drop"  # nothing is left to drop
+        kept = handle_overlong(examples, self.max_seq_length, overlong)
         store = ExampleStore(kept.examples)
         if self.packing:
             rows = pack(store.lengths.tolist(), self.max_seq_length)
@@ -273,10 +302,14 @@ class InstructionDataModule(L.LightningDataModule):
         return pad_id
 
     def train_dataloader(self) -> DataLoader:
-        """Rows shuffled per epoch with a generator seeded from ``seed`` (deterministic on resume)."""
+        """Rows shuffled per epoch with a generator seeded from ``seed`` (deterministic on resume), split
+        across DDP ranks."""
         if self.train_dataset is None:
             self.setup("fit")
-        self._train_sampler = SeededShuffleSampler(len(self.train_dataset), self.seed, self.micro_batch_size)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_sampler = SeededShuffleSampler(len(self.train_dataset), self.seed, self.micro_batch_size,
+                                                   num_replicas=replicas, rank=rank)
         return ResumableDataLoader(self.train_dataset, batch_size=self.micro_batch_size, sampler=self._train_sampler,
                                    collate_fn=self._collator(), num_workers=self.num_workers,
                                    persistent_workers=self.num_workers > 0)
@@ -352,6 +385,17 @@ class PretrainDataModule(InstructionDataModule):
                          overlong=overlong, micro_batch_size=micro_batch_size, num_workers=num_workers,
                          seed=seed, max_examples=max_examples, chat_template=None, subset=subset,
                          val_split=val_split, tokenizer=tokenizer)
+
+
+def _fail_on_overlong(examples: list[dict], locations: list[Location], max_seq_length: int) -> None:
+    """Raise a DataError naming the first example longer than ``max_seq_length`` (``overlong: error``)."""
+    for example, location in zip(examples, locations):
+        length = len(example["input_ids"])
+        if length > max_seq_length:
+            prompt = next((i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX), length)
+            part = f"its prompt alone is {prompt} tokens" if prompt >= max_seq_length else f"it is {length} tokens"
+            raise DataError(f"longer than max_seq_length={max_seq_length}: {part} (overlong=error; truncate or "
+                            "drop would keep going)", location)
 
 
 def _progress(records: list[dict], locations: list[Location], name: str) -> Iterator[tuple[dict, Location]]:
