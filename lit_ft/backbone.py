@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from lit_ft.packed_attention import PACKED_ATTENTION, register_packed_attention
+
 EMBEDDED_TOKENIZER = "embedded:mistral-7b-v0.1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +87,9 @@ class Backbone:
         quantization: "none", or "nf4" for 4-bit NormalFloat with double quantisation (QLoRA).
         dtype: dtype of the non-quantised weights ("float32" on CPU; "bfloat16" halves memory on GPU).
         compute_dtype: dtype of 4-bit matmuls ("bfloat16" is the QLoRA paper's; use "float32" on CPU).
-        attn_implementation: "eager", "sdpa", "flex_attention" or "flash_attention_2"; packing is exact on each.
+        attn_implementation: "eager", "sdpa", "flex_attention", "flash_attention_2" or "lit_ft_packed" (SDPA per
+            packed example: attention costs sum(L_i^2), not row^2; see lit_ft.packed_attention); packing is exact
+            on each.
         gradient_checkpointing: recompute activations in the backward pass (saves memory, costs ~30% time).
         lora: LoRA settings; None trains every parameter (used by pre-training).
         init_adapter: a PEFT adapter directory (e.g. the SFT output) whose weights initialise the new adapter;
@@ -201,6 +205,8 @@ def build_model(spec: Backbone, tokenizer, device_map=None):
     Returns a ``PeftModel`` with the adapter ``spec.lora.adapter_name`` active, or the plain model when
     ``spec.lora`` is None (every parameter then trains).
     """
+    if spec.attn_implementation == PACKED_ATTENTION:
+        register_packed_attention()  # transformers must know the name before the model is built
     if spec.pretrained is None:
         if spec.quantization != "none":
             raise BackboneError("quantization: nf4 needs pretrained weights (set model.backbone.pretrained)")

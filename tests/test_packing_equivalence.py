@@ -1,7 +1,8 @@
 """Packing never lets attention cross examples: each example's logits inside a packed row equal its logits alone.
 
-Checked for every attention backend the config can select that runs on this machine (eager, sdpa, flex
-attention where torch has it, flash_attention_2 where installed and a GPU is present).
+Checked for every attention backend the config can select that runs on this machine (eager, sdpa, lit_ft's
+per-example ``lit_ft_packed``, flex attention where torch has it, flash_attention_2 where installed and a GPU is
+present).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import pytest
 import torch
 
 from lit_ft.data.packing import ExampleStore, PackedCollator, PackedDataset
+from lit_ft.packed_attention import register_packed_attention
 from tests.tiny_models import tiny_mistral
+
+register_packed_attention()  # tiny_mistral sets the implementation on the config: transformers must know it
 
 
 def _available_backends() -> list:
-    backends = ["eager", "sdpa"]
+    backends = ["eager", "sdpa", "lit_ft_packed"]
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
 
