@@ -8,7 +8,7 @@ SFT_ADAPTER := artifacts/sft/adapter/adapter_config.json
 RM_EXPORT := artifacts/rm/reward_stats.json
 ARGS ?=
 
-.PHONY: install pretrain sft rm ppo pipeline test test-all bench lint clean
+.PHONY: install pretrain sft rm ppo pipeline test test-all bench bench-packing bench-gpu estimate sweep lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,15 @@ pipeline:
 	$(MAKE) rm
 	$(MAKE) ppo
 
+TRIALS ?= 3
+# Hyperparameter sweep of the SFT settings (configs/sweeps/sft.yaml, W&B's own sweep format). With W&B credentials
+# (WANDB_API_KEY or `wandb login`) it is `wandb sweep` then `wandb agent --count $(TRIALS)`: W&B picks the values and
+# the agent runs `lit-ft fit` with them. Without credentials it runs $(TRIALS) local trials through the same command
+# expansion, each a W&B offline run, and prints the ranking. The venv's bin goes first on PATH so that the agent's
+# `/usr/bin/env lit-ft` is this checkout's. `make sweep ARGS=--offline` forces the local run.
+sweep: $(BASE)/config.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(LITFT) sweep configs/sweeps/sft.yaml --trials $(TRIALS) $(ARGS)
+
 test:
 	$(BIN)/pytest -q
 
@@ -66,5 +75,17 @@ lint:
 clean:
 	rm -rf runs artifacts
 
+# lit_ft SFT against TRL's SFTTrainer on the same model, data and LoRA (needs `pip install -e '.[bench]'` and
+# ../shared/data; skips with a reason otherwise). Its last line is the throughput and memory ratio.
 bench:
+	$(BIN)/python bench/sft_vs_trl.py
+
+bench-packing:
 	$(BIN)/python bench/packing.py
+
+# The 7B-shaped QLoRA step on a GPU: measured peak beside the estimate, tokens/s, MFU (tiny CPU variant without CUDA).
+bench-gpu:
+	$(BIN)/python bench/gpu_memory.py
+
+estimate:
+	$(LITFT) estimate --config configs/mistral7b_qlora_alpaca.yaml
