@@ -91,7 +91,7 @@ class WandbLogger(_LightningWandbLogger):
         if config:
             self.experiment.config.update(config, allow_val_change=True)
 
-    def _open_resumed_run(self, run_id: str, attempts: int = 15, wait_s: float = 2.0) -> bool:
+    def _open_resumed_run(self, run_id: str, attempts: int = 5, wait_s: float = 2.0) -> bool:
         """Open run ``run_id``; retried while W&B still holds it for the killed process ("run ID is in use": the
         crashed run's W&B service outlives it for a few seconds). If it stays busy, log to a new run with a
         warning: a resumed fit never fails because of its logger."""

@@ -99,6 +99,10 @@ def run_fit(config: Path, cwd: Path, *args: str, timeout: int = SUBPROCESS_TIMEO
     """``python -m lit_ft fit --config <config> <args>`` in ``cwd``, with this checkout importable (tests too)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # Each run starts its own W&B service, as a user's `lit-ft` does: inherited from this pytest process (where an
+    # earlier in-process test started W&B), a SIGKILLed run's stream would stay open in the shared service and
+    # keep its run id "in use" for the resume.
+    env.pop("WANDB_SERVICE", None)
     command = [sys.executable, "-m", "lit_ft", "fit", "--config", str(config), *args]
     return subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
