@@ -75,9 +75,10 @@ lint:
 clean:
 	rm -rf runs artifacts
 
-# lit_ft SFT against TRL's SFTTrainer on the same model, data and LoRA (needs `pip install -e '.[bench]'` and
-# ../shared/data; skips with a reason otherwise). Its last line is the throughput and memory ratio.
+# lit_ft SFT against TRL's SFTTrainer on the same model, data and LoRA (installs trl, the bench extra, when it is
+# missing; needs ../shared/data and skips with a reason without it). Its last line is the throughput and memory ratio.
 bench:
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q 'trl>=1.16,<2'   # the bench extra, not a runtime dependency
 	$(BIN)/python bench/sft_vs_trl.py
 
 bench-packing:
