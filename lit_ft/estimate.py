@@ -102,12 +102,6 @@ class ModelShape:
                    bool(getattr(config, "tie_word_embeddings", False)), source)
 
 
-def _fused_loss_available() -> bool:
-    """lit_ft.losses computes each chunk's gradient in the forward pass when it has the fused function."""
-    from lit_ft import losses
-    return hasattr(losses, "FusedLinearCrossEntropy")
-
-
 @dataclass
 class TrainingSetup:
     """Everything besides the model that sets the memory of a training step.
@@ -157,7 +151,7 @@ class TrainingSetup:
     optimizer: str = "AdamW"
     sgd_momentum: float = 0.0
     loss_chunk_size: int = 4096
-    fused_loss: bool = field(default_factory=_fused_loss_available)
+    fused_loss: bool = True  # True: lit_ft.losses fuses the loss for the plain linear heads of causal LMs
     full_logits_tokens: int = 0
     generation_tokens: int = 0
     generation_rows: int = 0
