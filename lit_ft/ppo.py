@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ from lit_ft.rollout import response_hidden, response_logits, sample
 from lit_ft.schedules import WarmupCosine, optimizer_and_schedule
 
 POLICY, VALUE, REWARD, REFERENCE = "policy", "value", "reward", "reference"
+# Lightning warns that checkpoints of manual optimisation hold the state after the step; PPO's checkpoints are
+# taken between rollout batches (see ``_check_checkpoint_interval``), where that is the state to resume from.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -90,6 +94,26 @@ class Rollout:
     score_parts: dict[str, torch.Tensor]
 
 
+def normalised_head_state(head: nn.Linear, stats: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state of a linear score head that outputs ``(head(x) - mean) / std``: the reward head rescaled so that a
+    value head started from it predicts the normalised score on the rewards' scale, not the raw one."""
+    mean, std = float(stats.get("mean", 0.0)), max(float(stats.get("std", 1.0)), 1e-6)
+    weight = head.weight.detach() / std
+    bias = head.bias.detach() if head.bias is not None else torch.zeros(head.out_features, device=weight.device)
+    return {"weight": weight.clone(), "bias": ((bias - mean) / std).clone()}
+
+
+def per_task_counts(right: list[bool], tasks: list[str | None]) -> dict[str, tuple[int, int]]:
+    """(right, total) per task family, sorted by name; empty when the prompts name no task."""
+    counts: dict[str, list[int]] = {}
+    for ok, task in zip(right, tasks):
+        if task is not None:
+            pair = counts.setdefault(task, [0, 0])
+            pair[0] += int(ok)
+            pair[1] += 1
+    return {task: (r, n) for task, (r, n) in sorted(counts.items())}
+
+
 def _chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
@@ -104,7 +128,8 @@ class PPO(BackboneModule, L.LightningModule):
         policy_adapter: the SFT adapter the policy starts from (required to exist when set).
         reward_model: the reward-model export (adapter, ``score_head.safetensors``, ``reward_stats.json``); None
             trains on the programmatic ``rewards`` alone.
-        value_init: "reward" starts the value adapter and head from the reward model; "fresh" from scratch.
+        value_init: "reward" starts the value adapter and head from the reward model, the head rescaled to predict
+            the normalised score the rewards use; "fresh" from scratch.
         reference: "base" (adapters disabled) or "adapter" (a frozen copy of ``reference_adapter``, default the
             policy adapter: for when the SFT adapter was merged into the base).
         reference_adapter: the adapter of the "adapter" reference.
@@ -242,7 +267,7 @@ class PPO(BackboneModule, L.LightningModule):
         if self.value_init == "reward":
             model = load_adapter(model, self.reward_model_dir, VALUE, trainable=True)
             self.value_head = nn.Linear(hidden_size, 1)
-            self.value_head.load_state_dict(self.reward_head.state_dict())
+            self.value_head.load_state_dict(normalised_head_state(self.reward_head, self.reward_stats))
         else:
             model = add_adapter(model, dataclasses.replace(fresh, adapter_name=VALUE))
             self.value_head = init_score_head(nn.Linear(hidden_size, 1))
@@ -374,8 +399,9 @@ class PPO(BackboneModule, L.LightningModule):
         vf_loss, vf_clipfrac = value_loss(values, r.values[rows], r.returns[rows], mask, self.value_clip_range)
         loss = pg_loss + self.vf_coef * vf_loss - self.entropy_coef * entropy
         self.manual_backward(loss * weight)
-        return {"policy_loss": float(pg_loss), "value_loss": float(vf_loss), "entropy": float(entropy),
-                "clipfrac": float(clipfrac), "approx_kl": float(approx_kl), "value_clipfrac": float(vf_clipfrac)}
+        stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, "clipfrac": clipfrac,
+                 "approx_kl": approx_kl, "value_clipfrac": vf_clipfrac}
+        return {key: float(value.detach()) if torch.is_tensor(value) else float(value) for key, value in stats.items()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         start = time.perf_counter()
@@ -435,7 +461,9 @@ class PPO(BackboneModule, L.LightningModule):
         self.model.train(was_training)
         result: dict[str, Any] = {"texts": texts, "prompts": prompts}
         if checkable:
-            result["exact_match"] = sum(exact_match(t, p.reference) for t, p in zip(texts, prompts)) / len(prompts)
+            right = [exact_match(t, p.reference) for t, p in zip(texts, prompts)]
+            result["exact_match"] = sum(right) / len(prompts)
+            result["right"] = right
         if rm_scores:
             result["reward_model_score"] = sum(rm_scores) / len(rm_scores)
         return result
@@ -448,13 +476,18 @@ class PPO(BackboneModule, L.LightningModule):
         if not prompts:
             return
         result = self.evaluate(prompts, bool(getattr(datamodule, "checkable_answers", False)))
+        tasks = list(getattr(datamodule, "eval_tasks", []) or [])[: len(prompts)]
+        by_task = per_task_counts(result.get("right", []), tasks)
+        for task, (right, total) in by_task.items():
+            result[f"exact_match/{task}"] = right / total
         self.evaluations[tag] = {k: v for k, v in result.items() if isinstance(v, float)}
         self._eval_texts[tag] = result["texts"]
         if not self.trainer.is_global_zero:
             return
         parts = []
         if "exact_match" in result:
-            parts.append(f"exact match {result['exact_match']:.1%}")
+            detail = ", ".join(f"{task} {right}/{total}" for task, (right, total) in by_task.items())
+            parts.append(f"exact match {result['exact_match']:.1%}" + (f" ({detail})" if detail else ""))
         if "reward_model_score" in result:
             parts.append(f"mean reward-model score {result['reward_model_score']:+.3f}")
         print(f"held-out {tag} PPO ({len(prompts)} prompts, greedy): {', '.join(parts)}")

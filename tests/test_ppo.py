@@ -13,8 +13,10 @@ import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
 from lit_ft.data.packing import position_ids_from_mask
-from lit_ft.data.prompts import LeftPadCollator, PromptDataModule, cut_prompt, record_prompt
-from lit_ft.ppo import PPO
+from lit_ft.data.prompts import LeftPadCollator, PromptDataModule, balanced_by_task, cut_prompt, record_prompt
+from lit_ft.data.sources import DataError
+from lit_ft.data.synthetic import split_facts
+from lit_ft.ppo import PPO, normalised_head_state, per_task_counts
 from lit_ft.ppo_losses import AdaptiveKLController
 from lit_ft.programmatic_rewards import ExactMatchReward
 from lit_ft.reward_model import RewardModel
@@ -102,6 +104,42 @@ def test_embedded_prompts_batch_left_padded_and_resume(tokenizer) -> None:
     assert (batch["attention_mask"][:, -1] == 1).all()  # every prompt ends in the last column
     lengths = [len(dm.train_prompts[i].input_ids) for i in (0, 1, 2)]
     assert batch["attention_mask"].sum(-1).tolist() == lengths and batch["index"].tolist() == [0, 1, 2]
+
+
+def test_embedded_prompts_by_task_family(tokenizer) -> None:
+    train, heldout = split_facts(1234, 200, 20)
+    balanced = balanced_by_task([f for f in train if f.task in ("add", "sort")])
+    adds = [f for f in train if f.task == "add"]
+    sorts = [f for f in train if f.task == "sort"]
+    assert len(adds) < len(sorts)
+    assert [f for f in balanced if f.task == "sort"] == sorts  # the largest family once, in order
+    assert [f for f in balanced if f.task == "add"] == [adds[i % len(adds)] for i in range(len(sorts))]
+
+    dm = _data(num_train=200, num_heldout=20, tasks=["add", "sort"], balance_tasks=True, tokenizer=tokenizer)
+    dm.setup("fit")
+    assert [p.reference for p in dm.train_prompts] == [f.answer for f in balanced]
+    assert dm.train_dataset.tasks == [f.task for f in balanced]
+    # The held-out prompts keep every family, so exact match compares with the SFT stage's.
+    assert dm.eval_tasks == [f.task for f in heldout] and len(set(dm.eval_tasks)) > 2
+    with pytest.raises(DataError, match="unknown embedded task"):
+        _data(tasks=["add", "divide"])
+    with pytest.raises(DataError, match="embedded tasks"):
+        _data(source="prompts.jsonl", balance_tasks=True)
+
+
+def test_value_head_from_the_reward_head_predicts_the_normalised_score() -> None:
+    torch.manual_seed(0)
+    reward = torch.nn.Linear(8, 1)
+    value = torch.nn.Linear(8, 1)
+    value.load_state_dict(normalised_head_state(reward, {"mean": 0.7, "std": 3.0}))
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(value(x), (reward(x) - 0.7) / 3.0)
+
+
+def test_per_task_counts() -> None:
+    counts = per_task_counts([True, False, True, True], ["sort", "add", "add", None])
+    assert counts == {"add": (1, 2), "sort": (1, 1)} and list(counts) == ["add", "sort"]
+    assert per_task_counts([True], [None]) == {}
 
 
 # ----------------------------------------------------------------------------------------------- sampling

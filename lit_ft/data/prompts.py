@@ -23,7 +23,7 @@ from lit_ft.data.formats import FORMATS, Prompt, format_prompt
 from lit_ft.data.packing import pad_rows
 from lit_ft.data.preference_formats import PREFERENCE_FORMATS, pair_parts, resolve_preference_format
 from lit_ft.data.sources import DataError, Location
-from lit_ft.data.synthetic import instruction_records, split_facts
+from lit_ft.data.synthetic import TASKS, Fact, instruction_records, split_facts
 
 PROMPT_FORMATS = tuple(dict.fromkeys(f for f in FORMATS + PREFERENCE_FORMATS if f != "text"))
 
@@ -46,6 +46,24 @@ def cut_prompt(ids: list[int], max_length: int) -> list[int]:
     if len(ids) <= max_length:
         return ids
     return ids[:1] + ids[len(ids) - (max_length - 1):]
+
+
+def _task(record: Any) -> str | None:
+    task = record.get("task") if isinstance(record, dict) else None
+    return str(task) if task is not None else None
+
+
+def balanced_by_task(facts: list[Fact]) -> list[Fact]:
+    """Each task family's facts repeated (whole copies, then a leading part) up to the largest family's count,
+    grouped by family in order of first appearance (the sampler shuffles them)."""
+    families: dict[str, list[Fact]] = {}
+    for fact in facts:
+        families.setdefault(fact.task, []).append(fact)
+    target = max((len(group) for group in families.values()), default=0)
+    out: list[Fact] = []
+    for group in families.values():
+        out += [group[i % len(group)] for i in range(target)]
+    return out
 
 
 @dataclass
@@ -77,8 +95,9 @@ class PromptStats:
 class PromptDataset(Dataset):
     """Prompts as token-id tensors, with their index (the module looks records and references up by it)."""
 
-    def __init__(self, prompts: list[Prompt]):
+    def __init__(self, prompts: list[Prompt], tasks: list[str | None] | None = None):
         self.prompts = prompts
+        self.tasks = tasks or [None] * len(prompts)  # each prompt's task family (embedded data), for per-task metrics
         self.ids = [torch.tensor(p.input_ids, dtype=torch.long) for p in prompts]
 
     def __len__(self) -> int:
@@ -125,6 +144,11 @@ class PromptDataModule(InstructionDataModule):
         num_train: embedded SFT-train facts (2000: must match the SFT stage).
         num_heldout: embedded held-out facts (200: must match the SFT stage; never trained on).
         world_seed: seed of the embedded world (1234: must match the SFT stage and the base).
+        tasks: embedded task families the training prompts come from (None: all); the held-out prompts keep
+            every family, so exact match stays comparable with the SFT stage's. Embedded tasks only.
+        balance_tasks: repeat each embedded family's training prompts up to the largest family's count, so each
+            family is equally likely in a rollout batch (add and successor have under 100 distinct questions,
+            the other families ~450). Embedded tasks only.
         tokenizer: tokenizer to use; None takes the LightningModule's.
     """
 
@@ -146,6 +170,8 @@ class PromptDataModule(InstructionDataModule):
         num_train: int = 2000,
         num_heldout: int = 200,
         world_seed: int = 1234,
+        tasks: list[str] | None = None,
+        balance_tasks: bool = False,
         tokenizer: Any = None,
     ):
         super().__init__(source=source, format="auto", split=split, val_source=val_source,
@@ -162,6 +188,14 @@ class PromptDataModule(InstructionDataModule):
         self.num_train = num_train
         self.num_heldout = num_heldout
         self.world_seed = world_seed
+        unknown = sorted(set(tasks or ()) - set(TASKS))
+        if unknown:
+            raise DataError(f"unknown embedded task(s) {', '.join(unknown)} (expected some of {', '.join(TASKS)})")
+        self.tasks = list(tasks) if tasks else None
+        self.balance_tasks = balance_tasks
+        if source is not None and (self.tasks or balance_tasks):
+            raise DataError("tasks and balance_tasks choose families of the embedded tasks; set them to null and "
+                            f"false with source={source!r}")
 
     @property
     def checkable_answers(self) -> bool:
@@ -176,8 +210,17 @@ class PromptDataModule(InstructionDataModule):
     def eval_prompts(self) -> list[Prompt]:
         return self.val_dataset.prompts if self.val_dataset is not None else []
 
+    @property
+    def eval_tasks(self) -> list[str | None]:
+        """The task family of each held-out prompt (None where the records name none)."""
+        return self.val_dataset.tasks if self.val_dataset is not None else []
+
     def embedded_records(self) -> tuple[list[dict], list[dict]]:
         train, heldout = split_facts(self.world_seed, self.num_train, self.num_heldout)
+        if self.tasks is not None:
+            train = [f for f in train if f.task in self.tasks]
+        if self.balance_tasks:
+            train = balanced_by_task(train)
         return instruction_records(train), instruction_records(heldout)
 
     def _resolve_format(self, records: list[dict], locations: list[Location]) -> str:
@@ -199,7 +242,7 @@ class PromptDataModule(InstructionDataModule):
         stats = PromptStats(name, len(records), len(prompts), cut=cut,
                             with_reference=sum(p.reference is not None for p in prompts),
                             length_mean=sum(lengths) / max(1, len(lengths)), length_max=max(lengths, default=0))
-        return PromptDataset(prompts), stats
+        return PromptDataset(prompts, [_task(record) for record in records]), stats
 
     def _collator(self) -> LeftPadCollator:
         return LeftPadCollator(self.pad_token_id())
