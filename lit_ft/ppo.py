@@ -46,7 +46,7 @@ from lit_ft.backbone import (
 from lit_ft.causal_lm import default_optimizer
 from lit_ft.data.formats import Prompt
 from lit_ft.data.packing import pad_rows, position_ids_from_mask
-from lit_ft.data.synthetic import exact_match
+from lit_ft.data.synthetic import exact_match, per_task_counts
 from lit_ft.ppo_losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -94,24 +94,18 @@ class Rollout:
     score_parts: dict[str, torch.Tensor]
 
 
+def reward_mean_std(stats: dict[str, Any]) -> tuple[float, float]:
+    """The reward model's stored score mean and std (0 and 1 when absent; std at least 1e-6)."""
+    return float(stats.get("mean", 0.0)), max(float(stats.get("std", 1.0)), 1e-6)
+
+
 def normalised_head_state(head: nn.Linear, stats: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The state of a linear score head that outputs ``(head(x) - mean) / std``: the reward head rescaled so that a
     value head started from it predicts the normalised score on the rewards' scale, not the raw one."""
-    mean, std = float(stats.get("mean", 0.0)), max(float(stats.get("std", 1.0)), 1e-6)
+    mean, std = reward_mean_std(stats)
     weight = head.weight.detach() / std
     bias = head.bias.detach() if head.bias is not None else torch.zeros(head.out_features, device=weight.device)
     return {"weight": weight.clone(), "bias": ((bias - mean) / std).clone()}
-
-
-def per_task_counts(right: list[bool], tasks: list[str | None]) -> dict[str, tuple[int, int]]:
-    """(right, total) per task family, sorted by name; empty when the prompts name no task."""
-    counts: dict[str, list[int]] = {}
-    for ok, task in zip(right, tasks):
-        if task is not None:
-            pair = counts.setdefault(task, [0, 0])
-            pair[0] += int(ok)
-            pair[1] += 1
-    return {task: (r, n) for task, (r, n) in sorted(counts.items())}
 
 
 def _chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -309,7 +303,8 @@ class PPO(BackboneModule, L.LightningModule):
         mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
         with active_adapter(self.model, REWARD):
             raw = sequence_rewards(self.model, self.reward_head, ids, mask, position_ids_from_mask(mask))
-        return (raw - float(self.reward_stats.get("mean", 0.0))) / max(float(self.reward_stats.get("std", 1.0)), 1e-6)
+        mean, std = reward_mean_std(self.reward_stats)
+        return (raw - mean) / std
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], texts: list[str], query, query_mask, response, response_mask

@@ -15,8 +15,8 @@ from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, sa
 from lit_ft.data.packing import position_ids_from_mask
 from lit_ft.data.prompts import LeftPadCollator, PromptDataModule, balanced_by_task, cut_prompt, record_prompt
 from lit_ft.data.sources import DataError
-from lit_ft.data.synthetic import split_facts
-from lit_ft.ppo import PPO, normalised_head_state, per_task_counts
+from lit_ft.data.synthetic import per_task_counts, split_facts
+from lit_ft.ppo import PPO, normalised_head_state
 from lit_ft.ppo_losses import AdaptiveKLController
 from lit_ft.programmatic_rewards import ExactMatchReward
 from lit_ft.reward_model import RewardModel

@@ -7,7 +7,6 @@ training and after, overall and per task.
 from __future__ import annotations
 
 import textwrap
-from collections import defaultdict
 
 import lightning as L
 import torch
@@ -16,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lit_ft.data.formats import format_prompt
 from lit_ft.data.packing import pad_rows
-from lit_ft.data.synthetic import exact_match
+from lit_ft.data.synthetic import exact_match, per_task_counts
 
 
 @torch.no_grad()
@@ -91,12 +90,10 @@ class GenerationTable(L.Callback):
         )
         result: dict = {"rows": [(p, t) for p, t in zip(prompts[: self.num_shown], texts)]}
         if checkable:
-            per_task: dict[str, list[bool]] = defaultdict(list)
-            for rec, p, t in zip(records, prompts, texts):
-                per_task[rec.get("task", "all")].append(exact_match(t, p.reference or ""))
-            hits = [h for v in per_task.values() for h in v]
+            hits = [exact_match(t, p.reference or "") for p, t in zip(prompts, texts)]
+            per_task = per_task_counts(hits, [rec.get("task", "all") for rec in records])
             result["exact_match"] = sum(hits) / len(hits)
-            result["per_task"] = {k: sum(v) / len(v) for k, v in sorted(per_task.items())}
+            result["per_task"] = {task: right / total for task, (right, total) in per_task.items()}
             result["scored"] = len(hits)
         self.results[tag] = result
         return result
