@@ -417,6 +417,8 @@ class PPO(BackboneModule, L.LightningModule):
             "train/explained_variance": float(explained_variance(r.values, r.returns, fmask)),
             "train/rollout_entropy_bound": float(-masked_mean(r.logprobs, fmask)),
             "time/generation_share": (generated - start) / max(trained - start, 1e-9),
+            # the throughput callback counts prompt tokens only: these are the sampled ones, per second of the step
+            "throughput/response_tokens_per_s": float(r.mask.sum()) / max(trained - start, 1e-9),
             "time/rollout_s": generated - start,
             "time/update_s": trained - generated,
         })

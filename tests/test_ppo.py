@@ -233,6 +233,12 @@ def test_one_rollout_and_update_changes_only_policy_and_value(stages, tmp_path) 
     assert changed == trainable, changed ^ trainable
     assert any(".policy." in n for n in changed) and any(".value." in n for n in changed)
     assert any(n.startswith("value_head.") for n in changed)
+    logged = trainer.callback_metrics  # the metrics, and the sampled tokens the throughput callback misses
+    for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
+                "response_length", "eos_rate"):
+        assert f"train/{key}" in logged, key
+    assert 0 < float(logged["time/generation_share"]) < 1
+    assert float(logged["throughput/response_tokens_per_s"]) > 0
 
 
 def _fit(tmp: Path, stages, max_steps: int, stop_at: int | None = None, ckpt_path: str | None = None,

@@ -8,7 +8,8 @@ to the host until a logging step, where Lightning synchronises anyway. Batch lay
 * padded rows: ``attention_mask`` marks real tokens; one sample per row.
 * reward-model pairs: ``input_ids``/``attention_mask`` of 2B rows plus ``margin`` (B): a sample is a pair.
 * PPO prompts: ``input_ids``/``attention_mask``/``index``; tokens are prompt tokens, a sample a prompt, and MFU is
-  not computed (sampling dominates and is not a matmul-bound step).
+  not computed (sampling dominates and is not a matmul-bound step). PPO logs its sampled tokens itself
+  (``throughput/response_tokens_per_s``).
 
 Model FLOPs per step (PaLM's MFU convention: recomputation by gradient checkpointing is not counted):
     real_tokens * (4 * N_body + 2 * N_trainable_body)          forward, input grads, weight grads of trainables
