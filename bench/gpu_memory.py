@@ -5,7 +5,7 @@
                                              # of 2048, bf16 autocast, paged AdamW; ~3-5 min on one H100/H200
     python bench/gpu_memory.py --cpu         # the same code path with tiny shapes on CPU (auto without CUDA)
 
-It runs lit_ft's own training step (lit_ft.causal_lm.CausalLM: chunked supervised-only loss, per-token
+It runs lit_ft's own training step (lit_ft.stages.causal_lm.CausalLM: chunked supervised-only loss, per-token
 normalisation) in a Lightning Trainer with the profiling callbacks, on synthetic packed rows (random tokens,
 examples of 64..768 tokens, 40% of each example a masked prompt). The base weights are random bf16 tensors
 quantised to NF4 layer by layer as bitsandbytes does when transformers loads a checkpoint with load_in_4bit, then
@@ -56,7 +56,7 @@ def build(cpu: bool):
     from transformers import MistralConfig, MistralForCausalLM
 
     from lit_ft.backbone import Backbone, LoraSettings, add_adapter
-    from lit_ft.estimate import KNOWN_CONFIGS
+    from lit_ft.tools.estimate import KNOWN_CONFIGS
 
     sizes = dict(TINY) if cpu else {k: v for k, v in KNOWN_CONFIGS["mistralai/Mistral-7B-v0.1"].items()
                                     if k != "model_type"}
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from lit_ft.callbacks.memory import MemoryMonitor
     from lit_ft.callbacks.throughput import ThroughputMonitor
-    from lit_ft.causal_lm import CausalLM
     from lit_ft.data.packing import PackedCollator
-    from lit_ft.estimate import GIB, ModelShape, TrainingSetup, estimate
+    from lit_ft.stages.causal_lm import CausalLM
+    from lit_ft.tools.estimate import GIB, ModelShape, TrainingSetup, estimate
 
     start = time.perf_counter()
     model, spec = build(cpu)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     setup = TrainingSetup(micro_batch_size=batch, seq_length=length, packing=True, quantization="nf4",
                           dtype_bytes=2, compute_bytes=4 if cpu else 2, gradient_checkpointing=True, lora_r=16,
                           lora_dropout=0.05, optimizer=opt_name, supervised_fraction=0.6)
-    from lit_ft.estimate import _config_from_shape, meta_model
+    from lit_ft.tools.estimate import _config_from_shape, meta_model
 
     est = estimate(shape, setup, meta_model(_config_from_shape(shape)))
     throughput = ThroughputMonitor(log_every_n_steps=1, skip_first_steps=3)

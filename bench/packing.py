@@ -31,9 +31,9 @@ def _peak_rss_mib() -> float:
 
 def run(packing: bool, supervised_only: bool, steps: int, examples: int, micro_batch: int, seq: int) -> dict:
     from lit_ft.backbone import Backbone, LoraSettings
-    from lit_ft.causal_lm import CausalLM
     from lit_ft.data.datamodule import InstructionDataModule
-    from lit_ft.losses import full_logits_token_loss
+    from lit_ft.losses.lm import full_logits_token_loss
+    from lit_ft.stages.causal_lm import CausalLM
 
     torch.manual_seed(0)
     module = CausalLM(backbone=Backbone(pretrained=None, lora=LoraSettings(r=16, alpha=32, dropout=0.0)))

@@ -180,9 +180,9 @@ def run_lit_ft(setup: Setup) -> dict:
     import torch
 
     from lit_ft.backbone import Backbone, LoraSettings
-    from lit_ft.causal_lm import CausalLM
     from lit_ft.data.datamodule import InstructionDataModule
-    from lit_ft.losses import IGNORE_INDEX, full_logits_token_loss
+    from lit_ft.losses.lm import IGNORE_INDEX, full_logits_token_loss
+    from lit_ft.stages.causal_lm import CausalLM
 
     L.seed_everything(setup.seed, verbose=False)
     backbone = Backbone(

@@ -6,11 +6,11 @@
 
 Tools that do not train are subcommands of the same command, each a module with ``main(argv)``:
 
-    lit-ft score --adapter artifacts/rm --prompt "What is 3 + 4?" --response 7 --response 8   (lit_ft.score)
-    lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml                              (lit_ft.estimate)
-    lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          (lit_ft.export)
-    lit-ft generate --adapter artifacts/sft/adapter --prompt "What is 3 + 4?" --compare        (lit_ft.generate)
-    lit-ft sweep configs/sweeps/sft.yaml --offline --trials 3                                 (lit_ft.sweep)
+    lit-ft score --adapter artifacts/rm --prompt "What is 3 + 4?" --response 7 --response 8   (lit_ft.tools.score)
+    lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml                              (lit_ft.tools.estimate)
+    lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          (lit_ft.tools.export)
+    lit-ft generate --adapter artifacts/sft/adapter --prompt "What is 3 + 4?" --compare        (lit_ft.tools.generate)
+    lit-ft sweep configs/sweeps/sft.yaml --offline --trials 3                                 (lit_ft.tools.sweep)
 
 User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing) end with one
 line on stderr naming what is wrong and where, not a traceback.
@@ -26,18 +26,15 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
-from lit_ft.backbone import BackboneError
-from lit_ft.data.sources import DataError
-
-USER_ERRORS = (DataError, BackboneError)
+from lit_ft.errors import UserError
 
 # Subcommands that are plain tools rather than LightningCLI stages: name -> module holding ``main(argv)``.
 TOOLS = {
-    "score": "lit_ft.score",
-    "estimate": "lit_ft.estimate",
-    "export": "lit_ft.export",
-    "generate": "lit_ft.generate",
-    "sweep": "lit_ft.sweep",
+    "score": "lit_ft.tools.score",
+    "estimate": "lit_ft.tools.estimate",
+    "export": "lit_ft.tools.export",
+    "generate": "lit_ft.tools.generate",
+    "sweep": "lit_ft.tools.sweep",
 }
 
 
@@ -99,10 +96,10 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _user_error(err: BaseException | None) -> BaseException | None:
-    """The DataError/BackboneError behind ``err``, also when jsonargparse wrapped it while instantiating."""
+    """The user error (:class:`lit_ft.errors.UserError`) behind ``err``, also when jsonargparse wrapped it while instantiating."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, USER_ERRORS):
+        if isinstance(err, UserError):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__

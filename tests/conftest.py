@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
 if str(ROOT) not in sys.path:  # tests run against the checkout, installed or not
     sys.path.insert(0, str(ROOT))
 # Tests never touch the network; make the hub libraries fail fast instead of retrying.

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import yaml
 
-from lit_ft.checkpointing import AtomicCheckpointIO
+from lit_ft.callbacks.checkpointing import AtomicCheckpointIO
 from tests.tiny_models import ROOT, TINY
 
 SUBPROCESS_TIMEOUT_S = 300  # one tiny run takes ~15 s on 2 cores; a hung DDP rendezvous must not hang the suite
@@ -36,9 +36,9 @@ def trainer_config(run_dir: Path, max_steps: int, every: int, *, wandb: bool = T
     """CPU trainer: checkpoints every ``every`` steps into ``run_dir/checkpoints``, W&B offline in ``run_dir``."""
     logger: Any = False
     if wandb:
-        logger = {"class_path": "lit_ft.wandb_logger.WandbLogger",
+        logger = {"class_path": "lit_ft.loggers.wandb_logger.WandbLogger",
                   "init_args": {"project": "lit_ft_tests", "save_dir": str(run_dir), "offline": True}}
-    checkpoint = {"class_path": "lit_ft.checkpointing.ModelCheckpoint",
+    checkpoint = {"class_path": "lit_ft.callbacks.checkpointing.ModelCheckpoint",
                   "init_args": {"dirpath": str(run_dir / "checkpoints"), "save_last": True,
                                 "every_n_train_steps": every, "save_top_k": 0}}
     config = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": max_steps,
@@ -60,7 +60,7 @@ def sft_config(base: str, data: Path, run_dir: Path, max_steps: int = 10, every:
     return {
         "seed_everything": 42,
         "trainer": trainer_config(run_dir, max_steps, every, **trainer),
-        "model": {"class_path": "lit_ft.causal_lm.CausalLM",
+        "model": {"class_path": "lit_ft.stages.causal_lm.CausalLM",
                   "init_args": {"backbone": backbone_config(base),
                                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
                                 "export_dir": str(run_dir / "adapter")}},
@@ -75,12 +75,12 @@ def ppo_config(base: str, run_dir: Path, max_steps: int = 16, every: int = 8, **
     return {
         "seed_everything": 42,
         "trainer": trainer_config(run_dir, max_steps, every, **trainer),
-        "model": {"class_path": "lit_ft.ppo.PPO",
+        "model": {"class_path": "lit_ft.stages.ppo.PPO",
                   "init_args": {"backbone": backbone_config(base, None), "policy_adapter": None,
                                 "reward_model": None, "value_init": "fresh", "reference": "base",
-                                "rewards": [{"class_path": "lit_ft.programmatic_rewards.ExactMatchReward"}],
+                                "rewards": [{"class_path": "lit_ft.rl.rewards.ExactMatchReward"}],
                                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
-                                "kl_controller": {"class_path": "lit_ft.ppo_losses.AdaptiveKLController",
+                                "kl_controller": {"class_path": "lit_ft.rl.kl.AdaptiveKLController",
                                                   "init_args": {"init_beta": 0.1, "target": 1.0, "horizon": 100}},
                                 "temperature": 1.0, "max_new_tokens": 4, "ppo_epochs": 2, "minibatch_size": 4,
                                 "forward_batch_size": 4, "num_eval": 2, "eval_batch_size": 2,

@@ -1,5 +1,5 @@
 """Memory: peak allocated and reserved device memory per logging interval (CUDA), or process RSS (CPU), with the
-estimator's prediction (lit_ft.estimate) printed beside the measured peak after the first steps.
+estimator's prediction (lit_ft.tools.estimate) printed beside the measured peak after the first steps.
 
 ``torch.cuda.max_memory_allocated``/``reserved`` and ``reset_peak_memory_stats`` read the caching allocator's host-
 side counters: no device synchronisation. Paged optimiser state (bitsandbytes ``Paged*``) lives in unified memory
@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_ft.estimate import GIB, MemoryEstimate, ModelShape, estimate, meta_model, setup_from_config
+from lit_ft.tools.estimate import GIB, MemoryEstimate, ModelShape, estimate, meta_model, setup_from_config
 
 
 def process_rss() -> int:

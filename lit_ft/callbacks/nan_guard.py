@@ -18,11 +18,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_ft.backbone import BackboneError
+from lit_ft.errors import ConfigError, UserError
 
 
-class NonFiniteLossError(BackboneError):
-    """Training produced a NaN or infinite loss or gradient (a BackboneError, so ``lit-ft`` prints one line)."""
+class NonFiniteLossError(UserError):
+    """Training produced a NaN or infinite loss or gradient (a user error, so ``lit-ft`` prints one line)."""
 
 
 def last_checkpoint(trainer: L.Trainer) -> tuple[str, int] | None:
@@ -60,7 +60,7 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self, max_skipped_steps: int = 0):
         if max_skipped_steps < 0:
-            raise BackboneError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
+            raise ConfigError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
         self.max_skipped_steps = max_skipped_steps
         self.skipped_steps = 0
         self._losses: list[torch.Tensor] = []  # this step's back-propagated losses, checked at the optimizer step

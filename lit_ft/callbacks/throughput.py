@@ -30,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_ft.losses import IGNORE_INDEX
+from lit_ft.losses.lm import IGNORE_INDEX
 
 # (substring of the device name, bf16 FLOP/s, fp16 FLOP/s); None: the dtype has no tensor-core path.
 PEAK_FLOPS: list[tuple[str, float | None, float]] = [

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from lit_ft.data.datamodule import InstructionDataModule, _progress
 from lit_ft.data.formats import IGNORE_INDEX
-from lit_ft.data.packing import ExampleStore, pad_rows, position_ids_from_mask
+from lit_ft.data.packing import ExampleStore
 from lit_ft.data.preference_formats import (
     PREFERENCE_FORMATS,
     EmptyResponse,
@@ -34,6 +34,7 @@ from lit_ft.data.preference_formats import (
 )
 from lit_ft.data.sources import DataError, Location
 from lit_ft.data.synthetic import Fact, generate_facts, split_facts
+from lit_ft.padding import pad_rows, position_ids_from_mask
 
 PADDING_SIDES = ("right", "left")
 

@@ -20,10 +20,10 @@ from torch.utils.data import Dataset
 
 from lit_ft.data.datamodule import InstructionDataModule, _progress
 from lit_ft.data.formats import FORMATS, Prompt, format_prompt
-from lit_ft.data.packing import pad_rows
 from lit_ft.data.preference_formats import PREFERENCE_FORMATS, pair_parts, resolve_preference_format
 from lit_ft.data.sources import DataError, Location
 from lit_ft.data.synthetic import TASKS, Fact, instruction_records, split_facts
+from lit_ft.padding import pad_rows
 
 PROMPT_FORMATS = tuple(dict.fromkeys(f for f in FORMATS + PREFERENCE_FORMATS if f != "text"))
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lit_ft.errors import UserError
+
 # File suffixes we read ourselves; anything else that exists must be a datasets-loadable directory.
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -49,7 +51,7 @@ def format_error(problem: str, location: Location | str | None = None, field: st
     return ": ".join(parts)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A one-line, user-facing problem with the input data (bad file, bad record, bad option)."""
 
     def __init__(self, problem: str, location: Location | str | None = None, field: str | None = None):

@@ -1,0 +1,146 @@
+"""Named LoRA adapters on one base model: add, load, save, switch between them, and keep only their weights.
+
+One base can hold several adapters (the policy, value, reward and reference roles of PPO). Adapters are saved
+in PEFT format, so that ``PeftModel.from_pretrained(base, directory)`` loads them anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lit_ft.errors import BackboneError
+
+if TYPE_CHECKING:
+    from lit_ft.backbone.builder import Backbone, LoraSettings
+
+
+def resolve_init_adapter(spec: Backbone) -> str | None:
+    """The adapter directory to start from, or None; a missing required one is a one-line error."""
+    if spec.init_adapter is None:
+        return None
+    if (Path(spec.init_adapter) / "adapter_config.json").exists():
+        return spec.init_adapter
+    if spec.init_adapter_required:
+        raise BackboneError(f"{spec.init_adapter}: adapter directory not found (no adapter_config.json)")
+    return None
+
+
+def load_adapter(model, directory: str, adapter_name: str, trainable: bool = False):
+    """Load a saved PEFT adapter onto ``model`` (plain or already a ``PeftModel``) under ``adapter_name``."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(directory, adapter_name=adapter_name, is_trainable=trainable)
+    else:
+        model = PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=trainable)
+    model.set_adapter(adapter_name)
+    return model
+
+
+def add_adapter(model, lora: LoraSettings, trainable: bool = True):
+    """Add a named LoRA adapter, to a plain model (making it a ``PeftModel``) or to an existing ``PeftModel``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        if isinstance(model, PeftModel):
+            model.add_adapter(lora.adapter_name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=lora.adapter_name)
+    except ValueError as err:
+        raise BackboneError(f"lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}") from None
+    model.set_adapter(lora.adapter_name)
+    if not trainable:
+        for name, p in model.named_parameters():
+            if f".{lora.adapter_name}." in name:
+                p.requires_grad_(False)
+    return model
+
+
+def save_adapter(model, directory: str | os.PathLike, adapter_name: str, tokenizer=None) -> Path:
+    """Write one adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``) into ``directory``.
+
+    Loads back with ``PeftModel.from_pretrained(base, directory)``. Written to a temporary folder then renamed,
+    so an interrupted save never leaves a half-written adapter.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+    model.peft_config[adapter_name].save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, out)
+    return out
+
+
+def trainable_state_dict(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Only the parameters that require grad: what a checkpoint must hold (never the frozen base)."""
+    return {prefix + n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def keep_trainable_in_checkpoint(module: torch.nn.Module, checkpoint: dict, extra: tuple[str, ...] = ()) -> None:
+    """Drop every frozen tensor from ``checkpoint["state_dict"]``, keeping trainable parameters and ``extra`` keys.
+
+    A 7B QLoRA checkpoint stays adapter-sized; the frozen base is rebuilt from its source on resume.
+    """
+    keep = {n for n, p in module.named_parameters() if p.requires_grad} | set(extra)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+
+
+@contextlib.contextmanager
+def active_adapter(model: nn.Module, adapter_name: str | None) -> Iterator[None]:
+    """Run with ``adapter_name`` active (None: every adapter disabled, the bare base), then restore the previous
+    adapter and every ``requires_grad`` flag.
+
+    PEFT's ``set_adapter``, and leaving ``disable_adapter``, also change which adapters train; a reward or
+    reference call in the middle of PPO must not.
+    """
+    previous = getattr(model, "active_adapter", None)
+    if adapter_name is not None and previous == adapter_name:
+        yield
+        return
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        if adapter_name is None:
+            with model.disable_adapter():
+                yield
+        else:
+            model.set_adapter(adapter_name)
+            yield
+    finally:
+        if adapter_name is not None and previous is not None:
+            model.set_adapter(previous)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, False))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,20 @@
+"""The user-facing errors: a mistake in a config, a data file, a checkpoint or a command line.
+
+Every subclass of :class:`UserError` ends a ``lit-ft`` command with one line on stderr and exit code 2 (see
+:mod:`lit_ft.cli`); anything else is a bug and keeps its traceback. Set ``LIT_FT_DEBUG=1`` (or pass ``--debug``)
+to see the traceback of a user error too.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A fault the user can fix (one line, no traceback). Subclasses say which part of the setup is wrong."""
+
+
+class ConfigError(UserError):
+    """A setting of a stage, a callback or the trainer that cannot work (a bad value or combination)."""
+
+
+class BackboneError(UserError):
+    """A problem with the base model, its tokenizer or its adapters (missing, mismatched, unsupported)."""

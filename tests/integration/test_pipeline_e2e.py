@@ -1,0 +1,44 @@
+"""End to end through the command line, as `make pipeline` runs it (slow: about 12 minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lit_ft.cli import main
+from tests.tiny_models import ROOT
+
+
+def _fit(config: str, *overrides: str) -> None:
+    main(["fit", "--config", str(ROOT / "configs" / config), *overrides])
+
+
+@pytest.mark.slow
+def test_pretrain_sft_rm_ppo_pipeline(tmp_path, monkeypatch, capsys) -> None:
+    """The whole embedded pipeline, SFT/RM/PPO shortened: each stage starts from the previous stage's output,
+    SFT lifts held-out exact match, the reward model ranks held-out pairs better than chance, and PPO runs on
+    one base with the SFT policy and the reward model and reports before and after."""
+    monkeypatch.chdir(tmp_path)
+    _fit("pretrain.yaml")  # the full pre-training: a shorter one leaves a base that SFT cannot teach in minutes
+    assert (tmp_path / "artifacts" / "base" / "tiny-mistral" / "config.json").exists()
+    _fit("sft.yaml", "--trainer.max_steps=250")
+    _fit("rm.yaml", "--trainer.max_steps=300", "--trainer.val_check_interval=300")
+    _fit("ppo.yaml", "--trainer.max_steps=40", "--model.init_args.num_eval=60")
+    out = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n".join(s for s in out.splitlines() if "exact match" in s or "pairwise accuracy" in s))
+
+    assert list((tmp_path / "runs" / "sft" / "wandb").glob("offline-run-*"))
+    line = [s for s in out.splitlines() if s.startswith("held-out exact match  before")][-1]  # SFT's, not pre-training's
+    before, after = (float(x.split(":")[1].strip().rstrip("%")) for x in line.split("  ->  "))
+    assert before <= 5.0 and after >= before + 10.0, line
+
+    assert "reward model: starting from the adapter at artifacts/sft/adapter" in out
+    stats = json.loads((tmp_path / "artifacts" / "rm" / "reward_stats.json").read_text())
+    assert stats["heldout_accuracy"] > 0.6 and stats["heldout_pairs"] == 200
+
+    assert "ppo: policy from the adapter at artifacts/sft/adapter" in out
+    assert "held-out before PPO (60 prompts, greedy)" in out and "held-out after PPO (60 prompts, greedy)" in out
+    assert (tmp_path / "artifacts" / "ppo" / "policy" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "runs" / "ppo" / "checkpoints" / "last.ckpt").exists()

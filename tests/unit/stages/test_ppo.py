@@ -1,0 +1,337 @@
+"""PPO: prompts, sampling with left padding, one base for four roles, reference log-probs, what an update
+changes, exact resume, and the recipe on local stand-ins."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
+from lit_ft.data.prompts import LeftPadCollator, PromptDataModule, balanced_by_task, cut_prompt, record_prompt
+from lit_ft.data.sources import DataError
+from lit_ft.data.synthetic import split_facts
+from lit_ft.metrics import per_task_counts
+from lit_ft.padding import position_ids_from_mask
+from lit_ft.rl.kl import AdaptiveKLController
+from lit_ft.rl.rewards import ExactMatchReward
+from lit_ft.rl.rollout import response_hidden, response_logits, sample, top_p_filter
+from lit_ft.stages.ppo import PPO, normalised_head_state
+from lit_ft.stages.reward_model import RewardModel
+from tests.tiny_models import (
+    ROOT,
+    TINY,
+    StopAt,
+    config_command,
+)
+
+HH_FILE = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test.jsonl.gz"
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+def _perturb_lora(model, adapter: str, seed: int) -> None:
+    """LoRA B starts at zero (an identity adapter); make the adapter actually change the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f"lora_B.{adapter}." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, tokenizer) -> dict[str, str]:
+    """A tiny base, an SFT adapter and a reward-model export, as `make sft` and `make rm` leave them."""
+    root = tmp_path_factory.mktemp("ppo_stages")
+    torch.manual_seed(0)
+    base = str(save_full_model(build_model(Backbone(pretrained=None, tiny=TINY, lora=None), tokenizer),
+                               root / "base", tokenizer))
+    sft = add_adapter(build_model(Backbone(pretrained=base, lora=None), tokenizer),
+                      LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft"))
+    _perturb_lora(sft, "sft", 1)
+    save_adapter(sft, root / "sft", "sft", tokenizer)
+    rm = RewardModel(Backbone(pretrained=base, lora=LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="reward")))
+    rm.configure_model()
+    _perturb_lora(rm.model, "reward", 2)
+    rm.reward_mean.fill_(0.5)
+    rm.reward_std.fill_(2.0)
+    rm.export(str(root / "rm"))
+    return {"base": base, "sft": str(root / "sft"), "rm": str(root / "rm")}
+
+
+def _module(stages: dict[str, str], **overrides) -> PPO:
+    settings = {
+        "backbone": Backbone(pretrained=stages["base"], lora=LoraSettings(r=4, alpha=8, dropout=0.0)),
+        "policy_adapter": stages["sft"], "reward_model": stages["rm"], "rewards": [ExactMatchReward()],
+        "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2), "max_new_tokens": 6, "ppo_epochs": 2, "minibatch_size": 4,
+        "forward_batch_size": 2, "num_eval": 4, "eval_batch_size": 4, "sampling_seed": 3}
+    settings.update(overrides)
+    return PPO(**settings)
+
+
+def _data(**overrides) -> PromptDataModule:
+    return PromptDataModule(**{"num_train": 32, "num_heldout": 4, "micro_batch_size": 8, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def test_prompts_come_from_instruction_or_preference_records(tokenizer) -> None:
+    alpaca = record_prompt({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, tokenizer)
+    assert alpaca.reference == "5" and alpaca.text.endswith("### Response:\n")
+    pair = record_prompt({"instruction": "Add 2 and 3.", "chosen": "5", "rejected": "6"}, tokenizer)
+    assert pair.input_ids == alpaca.input_ids and pair.reference is None
+    hh = record_prompt({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!",
+                        "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."}, tokenizer)
+    assert tokenizer.decode(hh.input_ids).endswith("Hi there [/INST]") and hh.reference is None
+    assert cut_prompt([1, 5, 6, 7, 8], 3) == [1, 7, 8] and cut_prompt([1, 5], 3) == [1, 5]
+
+
+@pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} is absent (the real HH-RLHF file lives in ../shared/data)")
+def test_prompt_side_of_real_hh_pairs(tokenizer, tmp_path) -> None:
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+        rows = [next(f) for _ in range(40)]
+    source = tmp_path / "hh.jsonl"
+    source.write_text("".join(rows))
+    dm = PromptDataModule(source=str(source), val_split_fraction=0.1, max_prompt_length=64, tokenizer=tokenizer)
+    dm.setup("fit")
+    assert len(dm.train_prompts) == 36 and len(dm.eval_prompts) == 4
+    assert all(len(p.input_ids) <= 64 and p.input_ids[0] == tokenizer.bos_token_id for p in dm.train_prompts)
+    assert all(tokenizer.decode(p.input_ids).endswith("[/INST]") for p in dm.train_prompts)
+
+
+def test_embedded_prompts_batch_left_padded_and_resume(tokenizer) -> None:
+    dm = _data(tokenizer=tokenizer)
+    dm.setup("fit")
+    assert dm.checkable_answers and all(p.reference for p in dm.train_prompts + dm.eval_prompts)
+    batch = LeftPadCollator(0)([dm.train_dataset[i] for i in (0, 1, 2)])
+    assert (batch["attention_mask"][:, -1] == 1).all()  # every prompt ends in the last column
+    lengths = [len(dm.train_prompts[i].input_ids) for i in (0, 1, 2)]
+    assert batch["attention_mask"].sum(-1).tolist() == lengths and batch["index"].tolist() == [0, 1, 2]
+
+
+def test_embedded_prompts_by_task_family(tokenizer) -> None:
+    train, heldout = split_facts(1234, 200, 20)
+    balanced = balanced_by_task([f for f in train if f.task in ("add", "sort")])
+    adds = [f for f in train if f.task == "add"]
+    sorts = [f for f in train if f.task == "sort"]
+    assert len(adds) < len(sorts)
+    assert [f for f in balanced if f.task == "sort"] == sorts  # the largest family once, in order
+    assert [f for f in balanced if f.task == "add"] == [adds[i % len(adds)] for i in range(len(sorts))]
+
+    dm = _data(num_train=200, num_heldout=20, tasks=["add", "sort"], balance_tasks=True, tokenizer=tokenizer)
+    dm.setup("fit")
+    assert [p.reference for p in dm.train_prompts] == [f.answer for f in balanced]
+    assert dm.train_dataset.tasks == [f.task for f in balanced]
+    # The held-out prompts keep every family, so exact match compares with the SFT stage's.
+    assert dm.eval_tasks == [f.task for f in heldout] and len(set(dm.eval_tasks)) > 2
+    with pytest.raises(DataError, match="unknown embedded task"):
+        _data(tasks=["add", "divide"])
+    with pytest.raises(DataError, match="embedded tasks"):
+        _data(source="prompts.jsonl", balance_tasks=True)
+
+
+def test_value_head_from_the_reward_head_predicts_the_normalised_score() -> None:
+    torch.manual_seed(0)
+    reward = torch.nn.Linear(8, 1)
+    value = torch.nn.Linear(8, 1)
+    value.load_state_dict(normalised_head_state(reward, {"mean": 0.7, "std": 3.0}))
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(value(x), (reward(x) - 0.7) / 3.0)
+
+
+def test_per_task_counts() -> None:
+    counts = per_task_counts([True, False, True, True], ["sort", "add", "add", None])
+    assert counts == {"add": (1, 2), "sort": (1, 1)} and list(counts) == ["add", "sort"]
+    assert per_task_counts([True], [None]) == {}
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert torch.isfinite(top_p_filter(logits, 0.1)).sum() == 1
+
+
+def test_sampling_with_left_padding_matches_each_prompt_alone(stages, tokenizer) -> None:
+    module = _module(stages)
+    module.configure_model()
+    module.model.eval()
+    prompts = [[1, 22557, 28723], [1, 415, 2936, 9060, 285, 22557, 28723]]
+    batch = LeftPadCollator(0)([{"input_ids": torch.tensor(p), "index": i} for i, p in enumerate(prompts)])
+    together = sample(module.model, batch["input_ids"], batch["attention_mask"], 5, 2, 0, greedy=True)
+    for row, prompt in enumerate(prompts):
+        alone = sample(module.model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), 5, 2, 0,
+                       greedy=True)
+        n = int(alone.mask.sum())
+        assert together.tokens[row, :n].tolist() == alone.tokens[0, :n].tolist()
+        # The scoring pass (no cache, whole sequence) gives the same greedy choices as the cached sampler.
+        hidden = response_hidden(module.model, batch["input_ids"][row:row + 1], batch["attention_mask"][row:row + 1],
+                                 together.tokens[row:row + 1], together.mask[row:row + 1])
+        greedy = response_logits(module.model, hidden).argmax(-1)[0, :n]
+        assert greedy.tolist() == together.tokens[row, :n].tolist()
+    assert position_ids_from_mask(batch["attention_mask"])[0].tolist() == [0, 0, 0, 0, 0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------- roles, updates
+def test_one_base_holds_all_four_roles(stages, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    module = _module(stages, reference="adapter")
+    module.configure_model()
+    assert set(module.model.peft_config) == {"policy", "value", "reward", "reference"}
+    base_numel = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(stages["base"]).parameters())
+    non_lora = [p for n, p in module.model.named_parameters() if "lora_" not in n]
+    assert sum(p.numel() for p in non_lora) == base_numel  # the base weights exist once
+    all_params = [p for p in module.parameters()]
+    assert len({p.data_ptr() for p in all_params}) == len(all_params)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in n or ".value." in n or n.startswith("value_head.") for n in trainable)
+    assert module.model.active_adapter == "policy"
+
+
+def test_reference_logprobs_equal_the_base_model_without_adapters(stages, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    module = _module(stages)
+    module.configure_model()
+    module.model.eval()
+    base = AutoModelForCausalLM.from_pretrained(stages["base"]).eval()
+    query = torch.tensor([[0, 0, 1, 22557, 28723], [1, 415, 2936, 9060, 285]])
+    query_mask = (query != 0).long()
+    response = torch.tensor([[330, 2, 0], [28705, 28740, 2]])
+    response_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    with torch.no_grad():
+        ref = module._policy_logits(query, query_mask, response, response_mask, adapter=None)
+        policy = module._policy_logits(query, query_mask, response, response_mask)
+        ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+        expected = base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    expected = expected[:, query.shape[1] - 1:-1]
+    real = response_mask.bool()
+    torch.testing.assert_close(ref[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(policy[real], expected[real], atol=1e-3)  # the SFT adapter does change the model
+
+
+def _snapshot(module: PPO) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_one_rollout_and_update_changes_only_policy_and_value(stages, tmp_path) -> None:
+    L.seed_everything(0)
+    module = _module(stages)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    snapshots = {}
+
+    class Before(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+            snapshots["before"] = _snapshot(pl_module)
+
+    trainer.callbacks.append(Before())
+    trainer.fit(module, datamodule=_data())
+    assert trainer.global_step == 4  # one rollout batch: 2 epochs x 2 minibatches
+    after = _snapshot(module)
+    changed = {n for n in after if not torch.equal(after[n], snapshots["before"][n])}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert changed == trainable, changed ^ trainable
+    assert any(".policy." in n for n in changed) and any(".value." in n for n in changed)
+    assert any(n.startswith("value_head.") for n in changed)
+    logged = trainer.callback_metrics  # the issue's metrics, and the sampled tokens the throughput callback misses
+    for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
+                "response_length", "eos_rate"):
+        assert f"train/{key}" in logged, key
+    assert 0 < float(logged["time/generation_share"]) < 1
+    assert float(logged["throughput/response_tokens_per_s"]) > 0
+
+
+def _fit(tmp: Path, stages, max_steps: int, stop_at: int | None = None, ckpt_path: str | None = None,
+         **overrides) -> tuple[PPO, L.Trainer]:
+    L.seed_everything(0)
+    module = _module(stages, kl_controller=AdaptiveKLController(init_beta=0.1, target=1.0, horizon=100),
+                     export_dir=str(tmp / "out"), **overrides)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_train_steps=4,
+                                               save_top_k=0)
+    callbacks = [ckpt] + ([StopAt(stop_at)] if stop_at else [])
+    trainer = L.Trainer(max_steps=max_steps, logger=False, callbacks=callbacks, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(module, datamodule=_data(), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_resume_from_last_equals_uninterrupted(stages, tmp_path, capsys) -> None:
+    full, _ = _fit(tmp_path / "a", stages, max_steps=12)
+    _interrupted, trainer = _fit(tmp_path / "b", stages, max_steps=12, stop_at=8)
+    assert trainer.global_step == 8
+    resumed, trainer = _fit(tmp_path / "b", stages, max_steps=12, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 12
+    assert resumed.kl_controller.beta == pytest.approx(full.kl_controller.beta, rel=1e-9)
+    assert full.kl_controller.beta != 0.1  # the adaptive controller moved, and resumed to the same value
+    want = {n: p for n, p in full.named_parameters() if p.requires_grad}
+    got = dict(resumed.named_parameters())
+    for name, p in want.items():
+        torch.testing.assert_close(got[name], p, atol=1e-6, rtol=0, msg=name)
+    assert (tmp_path / "a" / "out" / "policy" / "adapter_config.json").exists()
+    assert (tmp_path / "a" / "out" / "value" / "value_head.safetensors").exists()
+    printed = capsys.readouterr().out
+    assert "held-out before PPO (4 prompts, greedy): exact match" in printed and "mean reward-model score" in printed
+
+
+def test_checkpoints_must_fall_between_rollout_batches(stages, tmp_path) -> None:
+    from lit_ft.errors import ConfigError
+
+    module = _module(stages)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=0)
+    trainer = L.Trainer(max_steps=4, logger=False, callbacks=[ckpt], enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    with pytest.raises(ConfigError, match="multiple of the 4 optimizer updates"):
+        trainer.fit(module, datamodule=_data())
+
+
+def test_missing_policy_adapter_is_one_clear_error(stages, tmp_path) -> None:
+    from lit_ft.backbone import BackboneError
+
+    module = _module(stages, policy_adapter=str(tmp_path / "nope"))
+    with pytest.raises(BackboneError, match="policy adapter not found"):
+        module.configure_model()
+
+
+# ---------------------------------------------------------------------------------------- configs, recipe
+def test_ppo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, capsys) -> None:
+    from lit_ft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(config_command(ROOT / "configs" / "ppo.yaml") + [
+        f"--model.init_args.backbone.pretrained={stages['base']}",
+        f"--model.init_args.policy_adapter={stages['sft']}", f"--model.init_args.reward_model={stages['rm']}",
+        "--model.init_args.num_eval=4", "--data.init_args.num_train=32", "--data.init_args.num_heldout=4",
+        "--data.init_args.micro_batch_size=16", "--trainer.max_steps=4", "--trainer.logger=false",
+        "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
+    out = capsys.readouterr().out
+    assert "ppo: policy from the adapter at" in out and "held-out after PPO" in out
+    assert (tmp_path / "artifacts" / "ppo" / "policy" / "adapter_model.safetensors").exists()
+
+
+def test_7b_ppo_recipe_code_path_runs_on_local_stand_ins(stages, tmp_path, monkeypatch, capsys) -> None:
+    """configs/mistral7b_qlora_ppo.yaml with the model, data and run length swapped: nf4 base shared by the
+    four roles, gradient checkpointing, bf16 autocast, HH prompts, adaptive KL."""
+    from lit_ft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"chosen": f"\n\nHuman: What is {i} + 1?\n\nAssistant: {i + 1}.",
+             "rejected": f"\n\nHuman: What is {i} + 1?\n\nAssistant: No."} for i in range(24)]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(config_command(ROOT / "configs" / "mistral7b_qlora_ppo.yaml") + [
+        f"--model.init_args.backbone.pretrained={stages['base']}",
+        f"--model.init_args.policy_adapter={stages['sft']}", f"--model.init_args.reward_model={stages['rm']}",
+        "--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.max_new_tokens=4",
+        "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2",
+        f"--data.init_args.source={data}", "--data.init_args.val_source=null",
+        "--data.init_args.val_split_fraction=0.25", "--data.init_args.micro_batch_size=4",
+        "--data.init_args.num_workers=0", "--trainer.max_steps=8"])
+    out = capsys.readouterr().out
+    assert "held-out after PPO (2 prompts, greedy): mean reward-model score" in out, out[-2000:]
+    assert list((tmp_path / "runs" / "mistral7b_qlora_ppo" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "artifacts" / "mistral7b_qlora_ppo" / "policy" / "adapter_config.json").exists()
