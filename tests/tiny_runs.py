@@ -234,6 +234,7 @@ class RecordLR(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         weights = sum(float(p.detach().abs().sum()) for p in pl_module.parameters() if p.requires_grad)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_step} {lr!r} {weights!r}\n")
 

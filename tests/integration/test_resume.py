@@ -221,7 +221,6 @@ def test_extending_a_finished_run_trains_on_with_the_new_schedule(base, tmp_path
     result = run_fit(write_config(tmp_path / "four.yaml", config), tmp_path, "--ckpt_path", "last",
                      "--trainer.max_steps=8")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "schedule horizon: checkpoint 4 steps, config 8 steps" in result.stdout
     records = read_lrs(run / "lr.txt")
     assert [step for step, *_ in records] == list(range(8))
     want = _schedule(total=8, steps=8)
@@ -232,6 +231,7 @@ def test_extending_a_finished_run_trains_on_with_the_new_schedule(base, tmp_path
     assert len(set(sums)) == len(sums)  # every extended step starts from weights the previous one changed
     assert max_abs_diff(first, adapter_weights(run / "adapter")) > 1e-4
     assert _step_of(run / "checkpoints" / "last.ckpt") == 8
+    assert "schedule horizon: checkpoint 4 steps, config 8 steps" in result.stdout
 
 
 def test_killed_run_resumed_with_a_larger_max_steps_follows_the_new_schedule(base, tmp_path) -> None:
@@ -272,15 +272,15 @@ def test_a_checkpoint_file_of_another_run_forks_and_the_config_wins(naming, base
     result = run_fit(config, tmp_path, "--ckpt_path", str(checkpoint), "--model.init_args.loss_chunk_size=64",
                      "--model.init_args.optimizer.init_args.lr=0.02")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "a checkpoint of another run" in result.stdout
     assert _files(a) == before  # nothing of run a was written, moved or removed
     saved = torch.load(b / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 6
     assert saved["hyper_parameters"]["export_dir"] == str(b / "adapter")
     assert saved["hyper_parameters"]["loss_chunk_size"] == 64
-    assert saved[RECORD_KEY]["settings.loss_chunk_size"] == 64
     assert saved["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 0.02  # the config's peak LR
     assert max_abs_diff(adapter_weights(a / "adapter"), adapter_weights(b / "adapter")) > 1e-4
+    assert saved[RECORD_KEY]["settings.loss_chunk_size"] == 64
+    assert "a checkpoint of another run" in result.stdout
 
 
 def test_a_renamed_adapter_is_refused_and_the_run_is_left_as_it_was(base, tmp_path) -> None:
