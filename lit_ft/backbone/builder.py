@@ -84,7 +84,8 @@ class Backbone:
         tiny: sizes of the from-scratch model (used only when ``pretrained`` is None).
         quantization: "none", or "nf4" for 4-bit NormalFloat with double quantisation (QLoRA).
         dtype: dtype of the non-quantised weights ("float32" on CPU; "bfloat16" halves memory on GPU).
-        compute_dtype: dtype of 4-bit matmuls ("bfloat16" is the QLoRA paper's; use "float32" on CPU).
+        compute_dtype: dtype of 4-bit matmuls ("bfloat16" is the QLoRA paper's; use "float32" on CPU); with nf4 also
+            the dtype the non-quantised weights are kept in for training (docs/memory.md).
         attn_implementation: "eager", "sdpa", "flex_attention", "flash_attention_2" or "lit_ft_packed" (SDPA per
             packed example: attention costs sum(L_i^2), not row^2; see lit_ft.backbone.packed_attention); packing is exact
             on each.
@@ -217,15 +218,21 @@ def build_model(spec: Backbone, tokenizer, device_map=None):
     model.config.use_cache = False  # training: a KV cache would also disable packed-sequence masking
 
     if spec.quantization == "nf4":
-        from peft import prepare_model_for_kbit_training
+        # The lean preparation (docs/memory.md), not peft.prepare_model_for_kbit_training: that one up-casts the
+        # embeddings, norms and head to fp32, so the residual stream, every 4-bit linear's output (bitsandbytes
+        # returns its input's dtype), the checkpointed layer inputs and the loss's head all become fp32. Here the
+        # base is frozen and its non-quantised weights stay in the compute dtype; RMSNorm still normalises in fp32
+        # and the loss accumulates its log-sum-exp in fp32. 4-bit weights keep their storage (a float quant_storage
+        # holds packed 4-bit data: never cast it).
+        from bitsandbytes.nn import Params4bit
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=spec.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif spec.gradient_checkpointing:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            if p.is_floating_point() and not isinstance(p, Params4bit):
+                p.data = p.data.to(DTYPES[spec.compute_dtype])
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # checkpointed layers see an input that requires grad (frozen embeddings)
 
     if spec.lora is None:
         return model
