@@ -11,8 +11,8 @@ whitespace" trick), so the concatenated segment texts are exactly the rendered t
 match tokenizing the whole string at once; a segment that follows BOS/EOS keeps the marker, as a
 whole-string encode does after a special token.
 
-Formats: ``alpaca`` (instruction/input/output), ``chat`` (messages), ``prompt_completion`` and ``text``
-(raw pre-training text, every token supervised).
+Formats: ``alpaca`` (instruction/input/output), ``chat`` (messages; Alpaca records too, as one user/assistant
+exchange), ``prompt_completion`` and ``text`` (raw pre-training text, every token supervised).
 """
 
 from __future__ import annotations
@@ -136,10 +136,25 @@ def validate_messages(value: Any, location: Location | None, field: str = "messa
     return clean
 
 
+def alpaca_messages(record: dict, location: Location | None) -> list[dict[str, str]]:
+    """An Alpaca record as one chat exchange: the instruction (then the input after a blank line) is the user's
+    turn, the output (when there is one) the assistant's. ``format: chat`` renders Alpaca data this way, so that
+    the 7B recipes' SFT on Alpaca uses the ``[INST]`` template of their HH reward-model and PPO stages."""
+    instruction = string_field(record, "instruction", location, non_empty=True)
+    extra = string_field(record, "input", location, required=False)
+    messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
+    if record.get("output") is not None:
+        output = string_field(record, "output", location, non_empty=True, what="empty response")
+        messages.append({"role": "assistant", "content": output})
+    return messages
+
+
 def _chat_messages(record: dict, location: Location | None) -> list[dict[str, str]]:
-    """Validate the ``messages`` field of a chat record."""
+    """Validate the ``messages`` field of a chat record; an Alpaca record (no ``messages``) becomes one exchange."""
     messages = record.get("messages")
     if messages is None:
+        if "instruction" in record:
+            return alpaca_messages(record, location)
         raise DataError("missing", location, "messages")
     return validate_messages(messages, location)
 

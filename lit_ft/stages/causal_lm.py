@@ -78,7 +78,7 @@ class CausalLM(BackboneModule, L.LightningModule):
         """Build the model once (idempotent: Lightning may call this more than once)."""
         if self.model is not None:
             return
-        self.model = build_model(self.backbone, self.tokenizer, device_map=self.quantized_device_map())
+        self.model = build_model(self.load_spec(), self.tokenizer, device_map=self.quantized_device_map())
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes as found
         self.neftune.attach(self.model.get_input_embeddings())
 
@@ -160,7 +160,7 @@ class CausalLM(BackboneModule, L.LightningModule):
     def export(self, directory: str) -> str:
         """Write the adapter in PEFT format, or the whole model when every parameter was trained."""
         if self.adapter_name is not None:
-            return str(save_adapter(self.model, directory, self.adapter_name, self.tokenizer))
+            return str(save_adapter(self.model, directory, self.adapter_name, self.tokenizer, self.base_record()))
         meta = {"stage": "pretrain", "global_step": self.global_step}
         return str(save_full_model(self.model, directory, self.tokenizer, metadata=meta))
 

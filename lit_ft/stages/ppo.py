@@ -214,7 +214,7 @@ class PPO(BackboneModule, L.LightningModule):
         if self.model is not None:
             return
         spec = self.backbone
-        model = build_model(dataclasses.replace(spec, lora=None, init_adapter=None), self.tokenizer,
+        model = build_model(dataclasses.replace(self.load_spec(), lora=None, init_adapter=None), self.tokenizer,
                             device_map=self.quantized_device_map())
         fresh = spec.lora or LoraSettings()
         say = rank_zero_only(print)
@@ -536,8 +536,9 @@ class PPO(BackboneModule, L.LightningModule):
         from safetensors.torch import save_file
 
         out = Path(directory)
-        save_adapter(self.model, out / POLICY, POLICY, self.tokenizer)
-        value_dir = save_adapter(self.model, out / VALUE, VALUE)
+        record = self.base_record()
+        save_adapter(self.model, out / POLICY, POLICY, self.tokenizer, record)
+        value_dir = save_adapter(self.model, out / VALUE, VALUE, base=record)
         head = {k: v.detach().float().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(head, value_dir / VALUE_HEAD_FILE)
         return out
