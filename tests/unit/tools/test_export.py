@@ -12,8 +12,8 @@ import torch
 from lit_ft.backbone import Backbone, build_model, save_full_model
 from lit_ft.data.formats import format_prompt
 from lit_ft.tools.export import main, resolve_dtype
-from tests.unit.stages.test_causal_lm import _fit
 from tests.tiny_models import TINY
+from tests.unit.stages.test_causal_lm import _fit
 
 PROMPTS = ["What is 3 + 4?", "Reverse the letters: c a t", "Sort the digits: 9 9 4", "How many letters are in: a b"]
 PROMPT_ARGS = [arg for p in PROMPTS for arg in ("--prompt", p)]
