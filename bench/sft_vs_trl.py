@@ -191,7 +191,7 @@ def run_lit_ft(setup: Setup) -> dict:
     import torch
 
     from lit_ft.backbone import Backbone, LoraSettings
-    from lit_ft.data.datamodule import InstructionDataModule
+    from lit_ft.data.instruction import InstructionDataModule
     from lit_ft.losses.lm import IGNORE_INDEX, full_logits_token_loss
     from lit_ft.stages.causal_lm import CausalLM
 
@@ -215,8 +215,9 @@ def run_lit_ft(setup: Setup) -> dict:
     data = InstructionDataModule(
         source=setup.data, format="alpaca", max_seq_length=setup.seq, packing=True,
         micro_batch_size=setup.micro_batch, max_examples=setup.examples, val_split_fraction=0.0,
-        seed=setup.seed, tokenizer=module.tokenizer,
+        seed=setup.seed,
     )
+    data.connect(module.tokenizer)
     clock = StepClock(setup.gpu)
     pad_id = module.tokenizer.pad_token_id
 

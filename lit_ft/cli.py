@@ -77,6 +77,23 @@ class LitFtCLI(LightningCLI):
             parser_kwargs={"default_env": False},
         )
 
+    def connect_data(self) -> None:
+        """Connect the data module to the model's tokenizer (the data layer's contract,
+        :meth:`lit_ft.data.records.RecordsDataModule.connect`): one place for every stage, run before ``fit``,
+        ``validate`` and ``test`` (not at instantiation, so that building the CLI does not load a tokenizer)."""
+        connect = getattr(self.datamodule, "connect", None)
+        tokenizer = getattr(self.model, "tokenizer", None) if callable(connect) else None
+        if tokenizer is not None:
+            connect(tokenizer)
+
+    def before_fit(self) -> None:
+        self.connect_data()
+
+    def before_validate(self) -> None:
+        self.connect_data()
+
+    def before_test(self) -> None:
+        self.connect_data()
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lit-ft`` and ``python -m lit_ft``."""

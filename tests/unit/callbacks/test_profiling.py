@@ -139,7 +139,7 @@ class BatchTokens(L.Callback):
 
 
 def test_short_fit_logs_throughput_memory_cost_and_writes_a_trace(tmp_path, tokenizer, capsys) -> None:
-    from lit_ft.data.datamodule import InstructionDataModule
+    from lit_ft.data.instruction import InstructionDataModule
     from lit_ft.stages.causal_lm import CausalLM
     from tests.tiny_models import tiny_backbone
 
@@ -148,7 +148,8 @@ def test_short_fit_logs_throughput_memory_cost_and_writes_a_trace(tmp_path, toke
     source.write_text(json.dumps(records))
     torch.manual_seed(0)
     data = InstructionDataModule(source=str(source), format="alpaca", max_seq_length=64, micro_batch_size=2,
-                                 val_split_fraction=0.0, tokenizer=tokenizer)
+                                 val_split_fraction=0.0)
+    data.connect(tokenizer)
     module = CausalLM(backbone=tiny_backbone())
     module._tokenizer = tokenizer
     logger, counter = RecordingLogger(), BatchTokens()
