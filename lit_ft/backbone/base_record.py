@@ -92,10 +92,11 @@ class BaseRecord:
 
 
 def prompt_format_of(data_format: str | None, source: Any = "unknown") -> PromptFormat | None:
-    """How a data module with record format ``data_format`` rendered its prompts; the embedded data (``source``
-    None) are instruction records in the Alpaca template. None when it cannot be told (``auto`` on a file)."""
+    """How a data module with record format ``data_format`` rendered its prompts. A source that is not a file or
+    hub id (the embedded world, as an object or as its ``{class_path, init_args}`` config; None before it was
+    required) gives instruction records in the Alpaca template. None when it cannot be told (``auto`` on a file)."""
     if data_format in (None, "auto"):
-        return "alpaca" if source is None else None
+        return None if isinstance(source, str) else "alpaca"
     return PROMPT_FORMAT_OF_DATA.get(data_format)
 
 
