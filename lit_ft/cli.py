@@ -137,12 +137,24 @@ class LitFtCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_before_work(self, "fit")
+        self.connect_data()
 
     def before_validate(self) -> None:
         check_before_work(self, "validate")
+        self.connect_data()
 
     def before_test(self) -> None:
         check_before_work(self, "test")
+        self.connect_data()
+
+    def connect_data(self) -> None:
+        """Connect the data module to the model's tokenizer (the data layer's contract,
+        :meth:`lit_ft.data.records.RecordsDataModule.connect`): one place for every stage, run before ``fit``,
+        ``validate`` and ``test`` (not at instantiation, so that building the CLI does not load a tokenizer)."""
+        connect = getattr(self.datamodule, "connect", None)
+        tokenizer = getattr(self.model, "tokenizer", None) if callable(connect) else None
+        if tokenizer is not None:
+            connect(tokenizer)
 
 
 def check_before_work(cli: LightningCLI, subcommand: str) -> None:

@@ -65,7 +65,7 @@ def sft_config(base: str, data: Path, run_dir: Path, max_steps: int = 10, every:
                   "init_args": {"backbone": backbone_config(base),
                                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
                                 "export_dir": str(run_dir / "adapter")}},
-        "data": {"class_path": "lit_ft.data.datamodule.InstructionDataModule",
+        "data": {"class_path": "lit_ft.data.instruction.InstructionDataModule",
                  "init_args": {"source": str(data), "val_split_fraction": 0.0, "max_seq_length": 128,
                                "micro_batch_size": micro_batch_size}},
     }
@@ -87,7 +87,9 @@ def ppo_config(base: str, run_dir: Path, max_steps: int = 16, every: int = 8, **
                                 "forward_batch_size": 4, "num_eval": 2, "eval_batch_size": 2,
                                 "export_dir": str(run_dir / "out")}},
         "data": {"class_path": "lit_ft.data.prompts.PromptDataModule",
-                 "init_args": {"num_train": 24, "num_heldout": 2, "micro_batch_size": 8}},
+                 "init_args": {"source": {"class_path": "lit_ft.data.embedded.EmbeddedWorld",
+                                          "init_args": {"num_train": 24, "num_heldout": 2}},
+                               "micro_batch_size": 8}},
     }
 
 

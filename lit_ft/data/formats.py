@@ -16,8 +16,8 @@ message is tokenized as the characters it is, on every path. Only a chat templat
 puts around the messages, e.g. its ``{{ eos_token }}``) may contain control tokens: the rendering is cut into
 markup and message contents by rendering the conversation once more with placeholders in place of the contents.
 
-Formats: ``alpaca`` (instruction/input/output), ``chat`` (messages), ``prompt_completion`` and ``text``
-(raw pre-training text, every token supervised).
+Formats: ``alpaca`` (instruction/input/output), ``chat`` (messages; Alpaca records too, as one user/assistant
+exchange), ``prompt_completion`` and ``text`` (raw pre-training text, every token supervised).
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 # Passing this as ``chat_template`` forces the built-in Mistral-instruct-like template even when the
 # tokenizer carries its own.
 BUILTIN_CHAT_TEMPLATE = "builtin"
+# One rule for every format, SFT, preference and prompt data alike: an empty prompt (an instruction, a prompt, a
+# user turn) is an error naming the file, line and field. Unlike an empty response, which real data has a few of
+# and which is skipped and counted, an empty prompt leaves nothing to condition on.
+EMPTY_PROMPT = "empty prompt"
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -94,6 +98,22 @@ def detect_format(record: dict, location: Location | None = None) -> str:
     )
 
 
+def detect_prompt_format(record: dict, location: Location | None = None) -> str:
+    """The format of a record a prompt is taken from: as :func:`detect_format`, but the answer may be absent
+    (``instruction`` alone is Alpaca, ``prompt`` alone is prompt/completion)."""
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    keys = ", ".join(sorted(map(str, record))) or "none"
+    raise DataError(f"cannot detect a prompt format from keys ({keys}); expected 'messages', 'instruction' or "
+                    "'prompt' (the answer, 'output' or 'completion', may be left out)", location)
+
+
 def resolve_format(format: str, record: dict, location: Location | None = None, *,
                    known: tuple[str, ...] = FORMATS, detect=detect_format, kind: str = "format") -> str:
     """Validate an explicit format name (one of ``known``), or ``detect`` it from ``record`` when it is "auto"."""
@@ -105,7 +125,7 @@ def resolve_format(format: str, record: dict, location: Location | None = None, 
 
 
 def string_field(record: dict, field: str, location: Location | None, *, required: bool = True,
-            non_empty: bool = False, what: str = "empty") -> str:
+                 non_empty: bool = False, what: str = "empty") -> str:
     """Fetch a string field, raising a DataError naming the field when it is missing or malformed."""
     value = record.get(field)
     if value is None:
@@ -124,8 +144,8 @@ def validate_messages(value: Any, location: Location | None, field: str = "messa
                       expected: str = "a non-empty list of {role, content} objects") -> list[dict[str, str]]:
     """A list of {role, content} with known roles and string contents; errors name ``field[i]``.
 
-    An empty assistant turn is an error unless ``reject_empty_assistant`` is False (preference pairs count and
-    drop those instead).
+    An empty user turn is an error (:data:`EMPTY_PROMPT`). An empty assistant turn is an error unless
+    ``reject_empty_assistant`` is False (preference pairs count and drop those instead).
     """
     if not isinstance(value, list) or not value:
         raise DataError(f"expected {expected}", location, field)
@@ -141,16 +161,33 @@ def validate_messages(value: Any, location: Location | None, field: str = "messa
         if not isinstance(content, str):
             problem = "missing" if content is None else f"expected a string, got {type(content).__name__}"
             raise DataError(problem, location, f"{field}[{i}].content")
+        if role == "user" and not content.strip():
+            raise DataError(EMPTY_PROMPT, location, f"{field}[{i}].content")
         if reject_empty_assistant and role == "assistant" and not content.strip():
             raise DataError("empty response", location, f"{field}[{i}].content")
         clean.append({"role": role, "content": content})
     return clean
 
 
+def alpaca_messages(record: dict, location: Location | None) -> list[dict[str, str]]:
+    """An Alpaca record as one chat exchange: the instruction (then the input after a blank line) is the user's
+    turn, the output (when there is one) the assistant's. ``format: chat`` renders Alpaca data this way, so that
+    the 7B recipes' SFT on Alpaca uses the ``[INST]`` template of their HH reward-model and PPO stages."""
+    instruction = string_field(record, "instruction", location, non_empty=True)
+    extra = string_field(record, "input", location, required=False)
+    messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
+    if record.get("output") is not None:
+        output = string_field(record, "output", location, non_empty=True, what="empty response")
+        messages.append({"role": "assistant", "content": output})
+    return messages
+
+
 def _chat_messages(record: dict, location: Location | None) -> list[dict[str, str]]:
-    """Validate the ``messages`` field of a chat record."""
+    """Validate the ``messages`` field of a chat record; an Alpaca record (no ``messages``) becomes one exchange."""
     messages = record.get("messages")
     if messages is None:
+        if "instruction" in record:
+            return alpaca_messages(record, location)
         raise DataError("missing", location, "messages")
     return validate_messages(messages, location)
 
@@ -314,12 +351,12 @@ def record_segments(record: dict, tokenizer: Any, format: str = "auto",
     """Render ``record`` into text segments (before BOS/EOS and tokenization)."""
     fmt = resolve_format(format, record, location)
     if fmt == "alpaca":
-        instruction = string_field(record, "instruction", location, non_empty=True)
+        instruction = string_field(record, "instruction", location, non_empty=True, what=EMPTY_PROMPT)
         input_text = string_field(record, "input", location, required=False)
         output = string_field(record, "output", location, non_empty=True, what="empty response")
         return [Segment(format_alpaca_prompt(instruction, input_text), False), Segment(output, True, eos=True)]
     if fmt == "prompt_completion":
-        prompt = string_field(record, "prompt", location, non_empty=True)
+        prompt = string_field(record, "prompt", location, non_empty=True, what=EMPTY_PROMPT)
         completion = string_field(record, "completion", location, non_empty=True, what="empty response")
         return [Segment(prompt, False), Segment(completion, True, eos=True)]
     if fmt == "text":
@@ -402,20 +439,22 @@ def format_prompt(record: dict, tokenizer: Any, format: str = "auto",
     """The prompt a generator should continue for ``record``, tokenized exactly as in training.
 
     For chat, the prompt is the conversation before the last assistant message and the reference is
-    that message (None when the conversation ends with a user turn). Raw text has no prompt.
+    that message (None when the conversation ends with a user turn). The answer may be absent in every format
+    (``format="auto"`` reads ``{"instruction": ...}`` as Alpaca, ``{"prompt": ...}`` as prompt/completion).
+    Raw text has no prompt.
     """
-    fmt = resolve_format(format, record, location)
+    fmt = resolve_format(format, record, location, detect=detect_prompt_format)
     template = _chat_template_for(tokenizer, chat_template) if fmt == "chat" else None
     reference: str | None
     if fmt == "text":
         raise DataError("format 'text' has no prompt to generate from", location)
     if fmt == "alpaca":
-        instruction = string_field(record, "instruction", location, non_empty=True)
+        instruction = string_field(record, "instruction", location, non_empty=True, what=EMPTY_PROMPT)
         input_text = string_field(record, "input", location, required=False)
         segments = [Segment(format_alpaca_prompt(instruction, input_text), False)]
         reference = string_field(record, "output", location, required=False) or None
     elif fmt == "prompt_completion":
-        segments = [Segment(string_field(record, "prompt", location, non_empty=True), False)]
+        segments = [Segment(string_field(record, "prompt", location, non_empty=True, what=EMPTY_PROMPT), False)]
         reference = string_field(record, "completion", location, required=False) or None
     else:
         messages = _chat_messages(record, location)

@@ -29,7 +29,7 @@ from lit_ft.backbone import (
     save_full_model,
 )
 from lit_ft.backbone.neftune import NEFTune
-from lit_ft.losses.lm import supervised_token_loss
+from lit_ft.losses.lm import DEFAULT_CHUNK_SIZE, supervised_token_loss
 from lit_ft.padding import example_lengths_from_attention_mask, example_lengths_from_position_ids
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
@@ -44,8 +44,8 @@ class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
             ``bitsandbytes.optim.AdamW8bit`` or ``bitsandbytes.optim.PagedAdamW`` are drop-in choices).
         scheduler: a callable making the LR scheduler from the optimiser (warm-up + cosine by default).
         neftune_alpha: NEFTune noise scale (0: off; 5 is the paper's usual value). Noise per packed example.
-        loss_chunk_size: supervised positions projected through the output head at once (4096 bounds the
-            logits buffer at 4096 x vocab floats).
+        loss_chunk_size: supervised positions projected through the output head at once (1024: lit_ft.losses.lm's
+            DEFAULT_CHUNK_SIZE, a 1024 x vocab logits buffer; docs/memory.md).
         export_dir: where to write the final adapter (PEFT format) or, without LoRA, the full model.
     """
 
@@ -55,7 +55,7 @@ class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = WarmupCosine,
         neftune_alpha: float = 0.0,
-        loss_chunk_size: int = 4096,
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
         export_dir: str | None = None,
     ):
         super().__init__()
@@ -77,7 +77,7 @@ class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
         """Build the model once (idempotent: Lightning may call this more than once)."""
         if self.model is not None:
             return
-        self.model = build_model(self.backbone, self.tokenizer, device_map=self.quantized_device_map())
+        self.model = build_model(self.load_spec(), self.tokenizer, device_map=self.quantized_device_map())
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes as found
         self.neftune.attach(self.model.get_input_embeddings())
 
@@ -161,7 +161,7 @@ class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
     def export(self, directory: str) -> str:
         """Write the adapter in PEFT format, or the whole model when every parameter was trained."""
         if self.adapter_name is not None:
-            return str(save_adapter(self.model, directory, self.adapter_name, self.tokenizer))
+            return str(save_adapter(self.model, directory, self.adapter_name, self.tokenizer, self.base_record()))
         meta = {"stage": "pretrain", "global_step": self.global_step}
         return str(save_full_model(self.model, directory, self.tokenizer, metadata=meta))
 

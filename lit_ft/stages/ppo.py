@@ -43,6 +43,7 @@ from lit_ft.backbone import (
     save_adapter,
 )
 from lit_ft.data.formats import Prompt
+from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.errors import ConfigError
 from lit_ft.metrics import exact_match, per_task_counts
 from lit_ft.padding import pad_rows, position_ids_from_mask
@@ -215,7 +216,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         if self.model is not None:
             return
         spec = self.backbone
-        model = build_model(dataclasses.replace(spec, lora=None, init_adapter=None), self.tokenizer,
+        model = build_model(dataclasses.replace(self.load_spec(), lora=None, init_adapter=None), self.tokenizer,
                             device_map=self.quantized_device_map())
         fresh = spec.lora or LoraSettings()
         say = rank_zero_only(print)
@@ -441,15 +442,22 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
             result["reward_model_score"] = sum(rm_scores) / len(rm_scores)
         return result
 
-    def _evaluate_and_report(self, tag: str) -> None:
+    def _heldout(self) -> tuple[list[HeldOutItem], bool]:
+        """The data module's held-out items (:class:`lit_ft.data.heldout.HeldOut`) and whether they are checkable."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        prompts = list(getattr(datamodule, "eval_prompts", []) or [])
+        if not isinstance(datamodule, HeldOut):
+            return [], False
+        return datamodule.heldout(), bool(datamodule.checkable)
+
+    def _evaluate_and_report(self, tag: str) -> None:
+        items, checkable = self._heldout()
         if self.num_eval is not None:
-            prompts = prompts[: self.num_eval]
-        if not prompts:
+            items = items[: self.num_eval]
+        if not items:
             return
-        result = self.evaluate(prompts, bool(getattr(datamodule, "checkable_answers", False)))
-        tasks = list(getattr(datamodule, "eval_tasks", []) or [])[: len(prompts)]
+        prompts = [item.prompt for item in items]
+        result = self.evaluate(prompts, checkable)
+        tasks = [item.task for item in items]
         by_task = per_task_counts(result.get("right", []), tasks)
         for task, (right, total) in by_task.items():
             result[f"exact_match/{task}"] = right / total
@@ -475,7 +483,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
     def _print_before_after(self, rows: int = 6, width: int = 28) -> None:
         """A few held-out prompts with the policy's greedy answer before PPO and after."""
         before, after = self._eval_texts.get("before"), self._eval_texts.get("after")
-        prompts = getattr(self.trainer.datamodule, "eval_prompts", [])
+        prompts = [item.prompt for item in self._heldout()[0]]
         if not before or not after or not prompts:
             return
         def cell(text: str) -> str:
@@ -538,8 +546,9 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         from safetensors.torch import save_file
 
         out = Path(directory)
-        save_adapter(self.model, out / POLICY, POLICY, self.tokenizer)
-        value_dir = save_adapter(self.model, out / VALUE, VALUE)
+        record = self.base_record()
+        save_adapter(self.model, out / POLICY, POLICY, self.tokenizer, record)
+        value_dir = save_adapter(self.model, out / VALUE, VALUE, base=record)
         head = {k: v.detach().float().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(head, value_dir / VALUE_HEAD_FILE)
         return out

@@ -142,7 +142,7 @@ class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
         else:
             message = f"starting from the base model {base} with a fresh adapter"
         rank_zero_only(print)(f"reward model: {message}")
-        self.model = build_model(spec, self.tokenizer, device_map=self.quantized_device_map())
+        self.model = build_model(self.load_spec(), self.tokenizer, device_map=self.quantized_device_map())
         self.model.train()
         hidden_size = self.model.get_input_embeddings().embedding_dim
         self.score_head = init_score_head(nn.Linear(hidden_size, 1))
@@ -266,13 +266,10 @@ class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
         return stats
 
     def export(self, directory: str) -> Path:
-        """Adapter (PEFT format, with the tokenizer), ``score_head.safetensors`` and ``reward_stats.json``."""
-        from safetensors.torch import save_file
-
-        out = save_adapter(self.model, directory, self.adapter_name, self.tokenizer)
-        head = {k: v.detach().float().cpu().contiguous() for k, v in self.score_head.state_dict().items()}
-        save_file(head, out / HEAD_FILE)
-        (out / STATS_FILE).write_text(json.dumps(self.reward_stats(), indent=2) + "\n")
+        """Adapter (PEFT format, with the tokenizer and ``lit_ft_base.json``), ``score_head.safetensors`` and
+        ``reward_stats.json``."""
+        out = save_adapter(self.model, directory, self.adapter_name, self.tokenizer, self.base_record())
+        write_reward_files(out, self.score_head.state_dict(), self.reward_stats())
         return out
 
     def on_train_end(self) -> None:
@@ -291,6 +288,15 @@ class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
             print(f"held-out pairwise accuracy: {h['accuracy']:.1%} ({h['pairs']} pairs)")
         if self.export_dir and self.trainer.is_global_zero:
             print(f"lit_ft: saved reward model to {self.export(self.export_dir)}")
+
+
+def write_reward_files(directory: Path, head_state: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
+    """What makes an adapter folder a reward model export: the score head and the reward statistics."""
+    from safetensors.torch import save_file
+
+    head = {k: v.detach().float().cpu().contiguous() for k, v in head_state.items()}
+    save_file(head, Path(directory) / HEAD_FILE)
+    (Path(directory) / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
 
 
 class RewardScorer(nn.Module):

@@ -20,7 +20,7 @@ from lit_ft.callbacks.checkpointing import (
     ModelCheckpoint,
     remove_stale_writes,
 )
-from lit_ft.data.datamodule import InstructionDataModule
+from lit_ft.data.instruction import InstructionDataModule
 from lit_ft.errors import OutputError
 from lit_ft.stages.causal_lm import CausalLM
 from tests.tiny_runs import RecordRanks, save_tiny_base, write_alpaca
@@ -55,7 +55,8 @@ def _fit(tmp_path: Path, base: str, tokenizer, callbacks: list, max_steps: int =
     module = CausalLM(Backbone(pretrained=base, lora=LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft")),
                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = InstructionDataModule(source=str(write_alpaca(tmp_path / "train.jsonl", 40)), val_split_fraction=0.2,
-                                 max_seq_length=64, micro_batch_size=2, tokenizer=tokenizer)
+                                 max_seq_length=64, micro_batch_size=2)
+    data.connect(tokenizer)
     settings = {"max_steps": max_steps, "logger": False, "callbacks": callbacks, "enable_progress_bar": False,
                 "enable_model_summary": False, "accelerator": "cpu", "num_sanity_val_steps": 0}
     fit = L.Trainer(**{**settings, **trainer})
