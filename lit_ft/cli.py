@@ -11,6 +11,7 @@ Tools that do not train are subcommands of the same command, each a module with 
     lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          (lit_ft.tools.export)
     lit-ft generate --adapter artifacts/sft/adapter --prompt "What is 3 + 4?" --compare        (lit_ft.tools.generate)
     lit-ft sweep configs/sweeps/sft.yaml --offline --trials 3                                 (lit_ft.tools.sweep)
+    lit-ft report runs/sft                                                                    (lit_ft.tools.report)
 
 User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing) end with one
 line on stderr naming what is wrong and where, not a traceback.
@@ -27,6 +28,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
 from lit_ft.errors import UserError
+from lit_ft.loggers.run_dir import CONFIG_FILE, run_dir
 
 # Subcommands that are plain tools rather than LightningCLI stages: name -> module holding ``main(argv)``.
 TOOLS = {
@@ -35,13 +37,28 @@ TOOLS = {
     "export": "lit_ft.tools.export",
     "generate": "lit_ft.tools.generate",
     "sweep": "lit_ft.tools.sweep",
+    "report": "lit_ft.tools.report",
 }
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Writes the resolved config next to the run, and logs it to every logger (W&B: the run's config)."""
+    """Writes the resolved config to ``RUN_DIR/config.yaml`` and logs it to every logger (W&B: the run's config).
+
+    RUN_DIR is :func:`lit_ft.loggers.run_dir.run_dir`: the CSV logger's folder (``runs/<stage>``), else the first
+    logger's ``save_dir``; without loggers nothing is written (Lightning's default would drop ``config.yaml`` in the
+    working directory).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_to_log_dir = False  # save_config writes it, to RUN_DIR rather than Lightning's trainer.log_dir
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
+        directory = run_dir(trainer)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(directory / CONFIG_FILE), skip_none=False, overwrite=True,
+                             multifile=self.multifile)
         config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
         config.pop("config", None)
         for logger in trainer.loggers:
