@@ -11,6 +11,7 @@ Tools that do not train are subcommands of the same command, each a module with 
     lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          (lit_ft.tools.export)
     lit-ft generate --adapter artifacts/sft/adapter --prompt "What is 3 + 4?" --compare        (lit_ft.tools.generate)
     lit-ft sweep configs/sweeps/sft.yaml --offline --trials 3                                 (lit_ft.tools.sweep)
+    lit-ft report runs/sft                                                                    (lit_ft.tools.report)
 
 User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing, a bad option
 value, a checkpoint the config does not continue, a full disk) end with one line on stderr naming what is wrong
@@ -40,6 +41,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
 from lit_ft.errors import CheckpointError, UserError
+from lit_ft.loggers.run_dir import CONFIG_FILE, run_dir
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "LIT_FT_DEBUG"
@@ -54,20 +56,26 @@ TOOLS = {
     "export": "lit_ft.tools.export",
     "generate": "lit_ft.tools.generate",
     "sweep": "lit_ft.tools.sweep",
+    "report": "lit_ft.tools.report",
 }
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Writes the resolved config next to the run, and logs it to every logger (W&B: the run's config).
+    """Writes the resolved config to ``RUN_DIR/config.yaml`` and logs it to every logger (W&B: the run's config).
+
+    RUN_DIR is :func:`lit_ft.loggers.run_dir.run_dir`: the CSV logger's folder (``runs/<stage>``), else the first
+    logger's ``save_dir``. Without loggers, Lightning would write ``config.yaml`` into the working directory, outside
+    the run's own folders: it goes into the first checkpoint directory instead, or nowhere when the run has none.
 
     It does so when the run starts (``on_fit_start``, or the start of ``validate``/``test``), after a resumed
-    checkpoint was accepted: a refused resume leaves the run's files as they were. With a logger the file goes to
-    its directory (Lightning's ``trainer.log_dir``); without one, Lightning would write ``config.yaml`` into the
-    working directory, outside the run's own folders: it goes into the first checkpoint directory instead, or
-    nowhere when the run has none.
+    checkpoint was accepted: a refused resume leaves the run's files as they were.
     """
 
     _stage = "fit"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_to_log_dir = False  # save_config writes it, to RUN_DIR rather than Lightning's trainer.log_dir
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._stage = stage  # saved at the start of the run instead (see the class docstring)
@@ -84,10 +92,9 @@ class LogConfigCallback(SaveConfigCallback):
     def _save(self, trainer, pl_module) -> None:
         if self.already_saved:
             return
-        if not trainer.loggers:
+        if run_dir(trainer) is None:
             dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks
                     if isinstance(cb, LightningModelCheckpoint) and cb.dirpath]
-            self.save_to_log_dir = False
             if dirs and trainer.is_global_zero:
                 Path(dirs[0]).mkdir(parents=True, exist_ok=True)
                 self.parser.save(self.config, os.path.join(dirs[0], self.config_filename), skip_none=False,
@@ -95,6 +102,11 @@ class LogConfigCallback(SaveConfigCallback):
         super().setup(trainer, pl_module, self._stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
+        directory = run_dir(trainer)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(directory / CONFIG_FILE), skip_none=False, overwrite=True,
+                             multifile=self.multifile)
         config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
         config.pop("config", None)
         for logger in trainer.loggers:
@@ -167,7 +179,8 @@ def check_before_work(cli: LightningCLI, subcommand: str) -> None:
 
     trainer, module = cli.trainer, cli.model
     fitting = subcommand == "fit"
-    settings = cli.config_init[subcommand]
+    # With a subcommand the settings are under its name; built with run=False they are the top level.
+    settings = cli.config_init[subcommand] if subcommand in cli.config_init else cli.config_init
     path = resolve_ckpt_path(trainer, settings.get("ckpt_path"))
     if path is not None:
         check_before_build(module, trainer, cli.datamodule, path, fitting, settings.get("weights_only"))
