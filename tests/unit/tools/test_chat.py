@@ -135,7 +135,8 @@ def _run_in_process(monkeypatch, capsys, args: list[str], lines: list[str]) -> t
 
     monkeypatch.setattr("builtins.input", fake_input)
     turns = chat.main(args)
-    return turns, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return turns, captured.err + captured.out  # the first line (how the model loaded) is on stderr
 
 
 def test_the_chat_says_when_it_drops_turns(adapter, monkeypatch, capsys) -> None:
@@ -153,6 +154,15 @@ def test_a_4bit_trained_chat_adapter_loads_its_base_in_4bit_and_renders_chat_tur
     assert_nf4_bf16(loaded)
     assert f"[INST] {FIRST} [/INST] {turns[0].assistant}</s>[INST] {SECOND} [/INST]" in out
     assert [t.user for t in turns] == [FIRST, SECOND]
+
+
+def test_a_merged_model_chats_in_the_template_its_export_names(tokenizer, tmp_path, monkeypatch, capsys) -> None:
+    torch.manual_seed(0)
+    merged = str(save_full_model(build_model(Backbone(tiny=TINY, lora=None), tokenizer), tmp_path / "merged", tokenizer,
+                                 metadata={"prompt_format": "chat", "chat_template": "builtin"}))
+    turns, out = _run_in_process(monkeypatch, capsys, ["--model", merged, "--max_new_tokens", "2", "--show_context"],
+                                 [FIRST, SECOND])
+    assert "chat template" in out and f"[INST] {FIRST} [/INST] {turns[0].assistant}</s>[INST] {SECOND} [/INST]" in out
 
 
 # ------------------------------------------------------------------------------------------------ faults
