@@ -57,6 +57,7 @@ TOOLS = {
     "generate": "lit_ft.tools.generate",
     "sweep": "lit_ft.tools.sweep",
     "report": "lit_ft.tools.report",
+    "chat": "lit_ft.tools.chat",
 }
 
 

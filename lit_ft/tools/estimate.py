@@ -46,7 +46,7 @@ def hf_config(pretrained: str | None, tiny: dict[str, Any] | None = None) -> tup
     """The transformers config of a backbone source, and where it came from. Never downloads weights."""
     from transformers import AutoConfig, LlamaConfig, MistralConfig
 
-    if pretrained is None:
+    if pretrained in (None, "None", "null"):  # `--model.init_args.backbone.pretrained null` parses to "None"
         from lit_ft.backbone import TinyConfig
 
         return MistralConfig(vocab_size=EMBEDDED_VOCAB, tie_word_embeddings=False,
@@ -122,7 +122,8 @@ def setup_from_config(config: dict[str, Any], supervised_fraction: float | None 
         attn_implementation=backbone.get("attn_implementation") or "sdpa",
         gradient_checkpointing=bool(backbone.get("gradient_checkpointing")),
         lora_r=lora.get("r", 16) if lora else None, lora_targets=(lora or {}).get("target_modules", "all-linear"),
-        lora_dropout=float((lora or {}).get("dropout", 0.0)), optimizer=opt_path, sgd_momentum=momentum,
+        lora_dropout=float((lora or {}).get("dropout", 0.0)), lora_dora=bool((lora or {}).get("use_dora")),
+        optimizer=opt_path, sgd_momentum=momentum,
         loss_chunk_size=int(_value(model, "loss_chunk_size", default=TrainingSetup.loss_chunk_size)),
     )
     _adapter_config(setup, backbone.get("init_adapter"))
@@ -150,11 +151,12 @@ def setup_from_config(config: dict[str, Any], supervised_fraction: float | None 
 
 
 def _adapter_config(setup: TrainingSetup, directory: str | None) -> None:
-    """An existing init adapter brings its own r and targets (as lit_ft.backbone.build_model does)."""
+    """An existing init adapter brings its own r, targets and DoRA setting (as lit_ft.backbone.build_model does)."""
     path = Path(directory or "") / "adapter_config.json"
     if directory and path.exists():
         saved = json.loads(path.read_text())
         setup.lora_r = saved.get("r", setup.lora_r)
+        setup.lora_dora = bool(saved.get("use_dora", setup.lora_dora))
         targets = saved.get("target_modules", setup.lora_targets)
         setup.lora_targets = sorted(targets) if isinstance(targets, (list, set)) else targets
 
