@@ -55,13 +55,13 @@ pipeline:
 	$(MAKE) ppo
 
 TRIALS ?= 3
-# Hyperparameter sweep of the SFT settings (configs/sweeps/sft.yaml, W&B's own sweep format). With W&B credentials
+# Hyperparameter sweep of the SFT settings (sweeps/sft.yaml, W&B's own sweep format). With W&B credentials
 # (WANDB_API_KEY or `wandb login`) it is `wandb sweep` then `wandb agent --count $(TRIALS)`: W&B picks the values and
 # the agent runs `lit-ft fit` with them. Without credentials it runs $(TRIALS) local trials through the same command
 # expansion, each a W&B offline run, and prints the ranking. The venv's bin goes first on PATH so that the agent's
 # `/usr/bin/env lit-ft` is this checkout's. `make sweep ARGS=--offline` forces the local run.
 sweep: $(BASE)/config.json
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(LITFT) sweep configs/sweeps/sft.yaml --trials $(TRIALS) $(ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(LITFT) sweep sweeps/sft.yaml --trials $(TRIALS) $(ARGS)
 
 test:
 	$(BIN)/pytest -q

@@ -56,6 +56,7 @@ from lit_ft.backbone import (
     save_full_model,
 )
 from lit_ft.backbone.base_record import BaseRecord, prompt_format_of
+from lit_ft.cli import ToolParser
 from lit_ft.data.formats import Prompt
 from lit_ft.stages.reward_model import HEAD_FILE, STATS_FILE, write_reward_files
 from lit_ft.tools.generate import PROMPT_FORMATS, Sampling, build_prompts, generate_texts, prompt_rows
@@ -338,7 +339,7 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lit-ft export",
+    parser = ToolParser(prog="lit-ft export",
                                      description="Export a checkpoint or an adapter: the adapter, or merged.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a training checkpoint (runs/*/checkpoints/*.ckpt)")
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=PROMPT_FORMATS,
                         help="prompt template for the check (default: the one the adapter was trained with)")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="greedy tokens compared per check prompt")
-    parser.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO", help="upload the export to this repo")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="upload the export to this repo")
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     return parser
 

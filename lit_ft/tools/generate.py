@@ -31,6 +31,7 @@ import torch
 from lit_ft.backbone import BackboneError
 from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.callbacks.evaluation import greedy_generate
+from lit_ft.cli import ToolParser
 from lit_ft.data.formats import Prompt, alpaca_messages, format_prompt
 from lit_ft.data.sources import DataError, Location, load_records_with_locations
 from lit_ft.errors import ConfigError
@@ -173,7 +174,7 @@ def comparison_table(rows: list[dict], before: list[str], after: list[str], refe
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lit-ft generate",
+    parser = ToolParser(prog="lit-ft generate",
                                      description="Generate from a base model, an adapter or a merged export.")
     parser.add_argument("--adapter", help="a PEFT adapter directory (its base is read from lit_ft_base.json or "
                                           "adapter_config.json)")

@@ -30,7 +30,7 @@ def add_loading_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="dtype the model computes in: its unquantised weights and 4-bit matmuls (default: as "
                              "trained, from the adapter's lit_ft_base.json; else float32 on CPU, bfloat16 on GPU)")
-    parser.add_argument("--load-in-4bit", dest="load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
                         help="load the base in 4-bit NF4, or not (default: as trained)")
 
 

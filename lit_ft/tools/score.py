@@ -24,6 +24,7 @@ import torch
 
 from lit_ft.backbone import BackboneError
 from lit_ft.backbone.base_record import BaseRecord
+from lit_ft.cli import ToolParser
 from lit_ft.data.preference_formats import (
     EmptyResponse,
     PreferencePair,
@@ -125,7 +126,7 @@ def format_table(rows: list[dict], rewards: list[float], mean: float, std: float
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="lit-ft score", description="Score (prompt, response) pairs with an exported reward model.")
     parser.add_argument("--adapter", required=True, help="the reward model export (e.g. artifacts/rm)")
     parser.add_argument("--base", help="base model (default: the one recorded in reward_stats.json)")
