@@ -1,7 +1,7 @@
 """``lit-ft estimate``: training memory of a config, from the config alone (meta-device model, no weights).
 
     lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml
-    lit-ft estimate --config configs/sft.yaml --config configs/mistral7b_qlora_alpaca.yaml --supervised-fraction 0.4
+    lit-ft estimate --config configs/sft.yaml --config configs/mistral7b_qlora_alpaca.yaml --supervised_fraction 0.4
 
 The configs are merged by ``lit-ft fit``'s own parser (later ``--config`` files and dotted overrides apply); nothing
 is instantiated. The shape comes from ``AutoConfig`` (local directory or hub cache), from TinyConfig when

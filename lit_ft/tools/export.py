@@ -2,13 +2,13 @@
 
     lit-ft export --checkpoint runs/sft/checkpoints/last.ckpt --out artifacts/sft/exported   # the adapter alone
     lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          # LoRA merged in
-    lit-ft export --adapter artifacts/sft/adapter --merge --out merged --push-to-hub me/tiny-sft --private
+    lit-ft export --adapter artifacts/sft/adapter --merge --out merged --push_to_hub me/tiny-sft --private
 
 A checkpoint (``runs/*/checkpoints/*.ckpt``) holds the trainable parameters and the ``backbone`` settings, so the
 model is rebuilt as it was trained (same base, same quantisation, same LoRA) and the LoRA tensors loaded into it; a
 reward model's checkpoint also gives its score head and reward statistics, so that ``lit-ft score`` takes the export.
 An adapter directory loads on its base as its ``lit_ft_base.json`` says it was trained; every export writes that
-record too. ``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override how the base loads
+record too. ``--dtype`` and ``--load_in_4bit/--no-load_in_4bit`` override how the base loads
 (:mod:`lit_ft.tools.loading`).
 
 ``--merge`` writes a plain transformers model (safetensors, config, generation config, tokenizer) that loads with
@@ -333,7 +333,7 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> str:
         api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="lit-ft export")
     except Exception as err:  # noqa: BLE001 - offline, no token, no permission (the client's own error types)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"--push-to-hub {repo}: upload failed ({type(err).__name__}: {reason}); the local "
+        raise BackboneError(f"--push_to_hub {repo}: upload failed ({type(err).__name__}: {reason}); the local "
                             f"export in {folder} is complete") from None
     return f"https://huggingface.co/{repo}"
 

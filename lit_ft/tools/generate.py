@@ -6,7 +6,7 @@
     lit-ft generate --model artifacts/sft/merged --base artifacts/base/tiny-mistral --prompt "..." --compare
 
 The base loads as the adapter was trained (``lit_ft_base.json``: NF4 with bfloat16 compute for a QLoRA adapter);
-``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override that (:mod:`lit_ft.tools.loading`).
+``--dtype`` and ``--load_in_4bit/--no-load_in_4bit`` override that (:mod:`lit_ft.tools.loading`).
 
 Prompts are rendered with the training templates of :mod:`lit_ft.data.formats` (by default the adapter's own:
 ``alpaca``, or ``chat`` for ``[INST]`` turns or the tokenizer's chat template) and start with BOS, token for token

@@ -4,7 +4,7 @@
     lit-ft score --adapter artifacts/rm --file pairs.jsonl
 
 The base loads as the reward model was trained (``lit_ft_base.json``: NF4 with bfloat16 compute for a QLoRA
-adapter); ``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override that (:mod:`lit_ft.tools.loading`).
+adapter); ``--dtype`` and ``--load_in_4bit/--no-load_in_4bit`` override that (:mod:`lit_ft.tools.loading`).
 Prompts are rendered the way the reward model was trained (``prompt_format`` in ``reward_stats.json``): the SFT
 Alpaca prompt for the embedded model, chat turns otherwise. A file holds one JSON object a line with ``prompt``
 (a string, an HH-form ``"\\n\\nHuman: ...\\n\\nAssistant:"`` string, or chat messages) or ``instruction`` (and
