@@ -65,7 +65,7 @@ def test_tool_parser_accepts_dashes_for_underscored_flags() -> None:
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
 def test_make_help_lists_the_targets_and_bare_make_only_shows_it() -> None:
     makefile = (ROOT / "Makefile").read_text()
-    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split()
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.MULTILINE).group(1).split()
     for args in (["help"], []):
         out = subprocess.run(["make", "-s", "-C", str(ROOT), "--dry-run", *args], capture_output=True, text=True,
                              check=True).stdout
