@@ -10,8 +10,19 @@ Tools that do not train are subcommands of the same command, each a module with 
     lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml                              (lit_ft.tools.estimate)
     lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          (lit_ft.tools.export)
     lit-ft generate --adapter artifacts/sft/adapter --prompt "What is 3 + 4?" --compare        (lit_ft.tools.generate)
-    lit-ft sweep sweeps/sft.yaml --offline --trials 3                                 (lit_ft.tools.sweep)
+    lit-ft sweep sweeps/sft.yaml --offline --trials 3                                         (lit_ft.tools.sweep)
     lit-ft report runs/sft                                                                    (lit_ft.tools.report)
+
+Configs compose: every run gets the standard callbacks (:data:`STANDARD_CALLBACKS`: checkpoints, NaN guard,
+evaluation where a stage sets it, throughput/MFU, memory, profiler, cost, report), each a config group of its own,
+and the standard loggers (W&B, metrics.csv), all under ``run.dir`` (:class:`RunSettings`). A stage config states
+only what differs::
+
+    run: {dir: runs/ppo, name: ppo-tiny}
+    checkpoint: {every_n_train_steps: 40}
+    best_checkpoint: null
+
+Tool flags are written with underscores (as LightningCLI's ``--ckpt_path``); :class:`ToolParser` accepts dashes.
 
 User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing, a bad option
 value, a checkpoint the config does not continue, a full disk) end with one line on stderr naming what is wrong
