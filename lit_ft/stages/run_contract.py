@@ -60,7 +60,7 @@ class Rule(NamedTuple):
     why: str
 
 
-# First match wins; the README's resume table lists the same rules.
+# First match wins; the resume table in docs/reference.md lists the same rules.
 RULES: tuple[Rule, ...] = (
     Rule("stage", "refuse", "a checkpoint resumes only the stage that wrote it"),
     Rule("model_class", "refuse", "a checkpoint resumes only the module class that wrote it"),

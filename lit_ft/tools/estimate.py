@@ -1,7 +1,7 @@
 """``lit-ft estimate``: training memory of a config, from the config alone (meta-device model, no weights).
 
     lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml
-    lit-ft estimate --config configs/sft.yaml --config configs/mistral7b_qlora_alpaca.yaml --supervised-fraction 0.4
+    lit-ft estimate --config configs/sft.yaml --config configs/mistral7b_qlora_alpaca.yaml --supervised_fraction 0.4
 
 The configs are merged by ``lit-ft fit``'s own parser (later ``--config`` files and dotted overrides apply); nothing
 is instantiated. The shape comes from ``AutoConfig`` (local directory or hub cache), from TinyConfig when
@@ -12,7 +12,6 @@ The memory model (the formula, the phases) is :mod:`lit_ft.tools.memory_model`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lit_ft.cli import ToolParser
 from lit_ft.tools.memory_model import GIB, MemoryEstimate, ModelShape, TrainingSetup, estimate, meta_model
 
 # The model's main names are read from here too (callers of the tool before the model had its own module).
@@ -163,12 +163,12 @@ def _adapter_config(setup: TrainingSetup, directory: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``lit-ft estimate --config CONFIG [--config CONFIG ...] [overrides]``: print the memory breakdown."""
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="lit-ft estimate", description="Training memory of a config, from the config alone.",
         epilog="Every other option (--config, --model.init_args...) goes to the lit-ft fit parser.")
-    parser.add_argument("--supervised-fraction", type=float, default=None,
+    parser.add_argument("--supervised_fraction", type=float, default=None,
                         help="share of positions with a loss (default 1.0: an upper bound; Alpaca is ~0.4)")
-    parser.add_argument("--sequence-length", type=int, default=None,
+    parser.add_argument("--sequence_length", type=int, default=None,
                         help="row length to estimate for (default: data max_seq_length)")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     own, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
