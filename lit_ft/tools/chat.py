@@ -29,6 +29,7 @@ import torch
 
 from lit_ft.backbone import BackboneError
 from lit_ft.backbone.base_record import BaseRecord
+from lit_ft.cli import ToolParser
 from lit_ft.data.formats import Segment, _encode_segments, format_alpaca_prompt, format_prompt
 from lit_ft.errors import ConfigError
 from lit_ft.tools.generate import PROMPT_FORMATS, Sampling, check_sampling, trained_prompt_format
@@ -145,7 +146,7 @@ def answer(model: Any, tokenizer: Any, ids: list[int], sampling: Sampling, strea
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lit-ft chat", description="Chat with an adapter or a merged model.")
+    parser = ToolParser(prog="lit-ft chat", description="Chat with an adapter or a merged model.")
     parser.add_argument("--adapter", help="a PEFT adapter directory (its base is read from lit_ft_base.json or "
                                           "adapter_config.json)")
     parser.add_argument("--model", help="a plain transformers model directory (a merged export, or a base)")
