@@ -114,7 +114,7 @@ def check_sources(sources: list[MixSource | dict], formats: tuple[str, ...]) -> 
         if isinstance(entry.source, str):
             path = Path(entry.source).expanduser()
             if not path.exists() and looks_like_path(entry.source):
-                raise DataError(f"{where}: file not found", entry.source)
+                raise DataError(f"{where}: file not found: {entry.source}")
         checked.append(entry)
     total = sum(entry.weight for entry in checked)
     if not total > 0:
