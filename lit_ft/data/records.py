@@ -413,8 +413,9 @@ class RecordsDataModule(L.LightningDataModule):
             stats.append(stat)
             try:
                 if entry.streaming and isinstance(entry.source, str):
+                    want = entry.val_records + 1  # the held-out head and the first training record
                     head = list(itertools.islice(stream_records(entry.source, entry.split, entry.subset),
-                                                 entry.val_records + 1))
+                                                 want if entry.max_examples is None else min(want, entry.max_examples)))
                     if len(head) <= entry.val_records:
                         raise DataError(f"no training records after the {entry.val_records} held out for validation")
                     fmt = self._source_format(entry, *head[-1])

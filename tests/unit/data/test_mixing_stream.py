@@ -139,3 +139,11 @@ def test_a_checkpoint_of_another_mix_is_refused(tokenizer, tmp_path: Path) -> No
     state["stream"]["passes"].append(0)
     with pytest.raises(DataError, match="the checkpoint's stream has 3 sources, the config's 2"):
         loader.load_state_dict(state)
+
+
+def test_a_stream_with_nothing_left_to_train_on_is_one_line(tokenizer, tmp_path: Path) -> None:
+    data = jsonl(tmp_path / "s.jsonl", rows(10))
+    dm = InstructionDataModule(sources=[MixSource(data, streaming=True, val_records=3, max_examples=3)])
+    dm.connect(tokenizer)
+    with pytest.raises(DataError, match=r"^data.sources\[0\] \(s.jsonl\): no training records after the 3 held out"):
+        dm.setup("fit")
