@@ -47,27 +47,29 @@ TokenizeOne = Callable[[dict, Location, str], tuple[dict | None, str | None, boo
 
 
 # -------------------------------------------------------------------------------------------- record readers
-def stream_records(source: str, split: str = "train", subset: str | None = None) -> Iterator[Record]:
-    """Records of a file, directory or hub id, read lazily: JSON lines (also gzipped) a line at a time, parquet a
-    batch at a time, a directory or hub id through ``datasets.load_dataset(..., streaming=True)``. A JSON list
-    cannot be read in parts: it is loaded whole (write JSON lines for data larger than memory)."""
+def stream_records(source: str, split: str = "train", subset: str | None = None, skip: int = 0) -> Iterator[Record]:
+    """Records of a file, directory or hub id from record ``skip`` on, read lazily: JSON lines (also gzipped) a
+    line at a time (the skipped lines are not parsed), parquet a batch at a time, a directory or hub id through
+    ``datasets.load_dataset(..., streaming=True)``. A JSON list cannot be read in parts: it is loaded whole (write
+    JSON lines for data larger than memory)."""
     path = Path(source).expanduser()
     if path.is_file():
         name = path.name.lower()
         if name.endswith((".jsonl", ".jsonl.gz")) or (name.endswith(JSON_SUFFIXES) and _starts_with_object(path)):
-            yield from _json_lines(path, source)
+            yield from _json_lines(path, source, skip)
         elif name.endswith(JSON_SUFFIXES):
             records, locations = load_records_with_locations(source, split, subset)
-            yield from zip(records, locations)
+            yield from zip(records[skip:], locations[skip:])
         elif name.endswith(PARQUET_SUFFIXES):
-            yield from _parquet_rows(path, source)
+            yield from itertools.islice(_parquet_rows(path, source), skip, None)
         else:
             raise DataError(f"unsupported file type (expected one of {', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)})",
                             source)
         return
     if not path.is_dir() and looks_like_path(source):
         raise DataError("file not found", source)
-    yield from _datasets_stream(str(path) if path.is_dir() else source, source, split, subset)
+    yield from itertools.islice(_datasets_stream(str(path) if path.is_dir() else source, source, split, subset),
+                                skip, None)
 
 
 def _open_text(path: Path):
@@ -85,11 +87,14 @@ def _starts_with_object(path: Path) -> bool:
     return True
 
 
-def _json_lines(path: Path, source: str) -> Iterator[Record]:
+def _json_lines(path: Path, source: str, skip: int = 0) -> Iterator[Record]:
     try:
         with _open_text(path) as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
+                    continue
+                if skip:  # a record already used: counted, not parsed
+                    skip -= 1
                     continue
                 location = Location(source, number)
                 try:
@@ -140,7 +145,9 @@ class StreamedReader:
         self.source, self.split, self.subset, self.head, self.limit = source, split, subset, head, limit
 
     def records(self, epoch: int, offset: int) -> Iterator[Record]:
-        return itertools.islice(stream_records(self.source, self.split, self.subset), self.head + offset, self.limit)
+        start = self.head + offset
+        stop = None if self.limit is None else max(self.limit - start, 0)
+        return itertools.islice(stream_records(self.source, self.split, self.subset, skip=start), stop)
 
 
 class LoadedReader:
