@@ -429,7 +429,8 @@ class RecordsDataModule(L.LightningDataModule):
                     if not splits.train:
                         raise DataError("no training records")
                     fmt = self._source_format(entry, splits.train[0], splits.train_at[0])
-                    readers.append(LoadedReader(splits.train, splits.train_at, self.seed, i))
+                    if streaming:
+                        readers.append(LoadedReader(splits.train, splits.train_at, self.seed, i))
                 formats.append(fmt)
                 stat.format = fmt
                 if not streaming:

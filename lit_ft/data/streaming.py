@@ -213,6 +213,8 @@ class StreamedMix(IterableDataset):
         opened: dict[int, _Peekable] = {}
         chunk: list[list[list[list[int]]]] = []
         chunk_rows = self.replicas * self.micro_batch_size
+        kept_before = sum(s["examples"] for s in pos["stats"])
+        idle_ends = 0  # epoch ends in a row with no example kept between them
         while True:
             if not pos["ending"]:
                 row = self._advance(pos, opened)
@@ -224,6 +226,12 @@ class StreamedMix(IterableDataset):
             ends = pos["ending"] and not pos["row"]
             if ends:
                 pos.update(ending=False, epoch=pos["epoch"] + 1, finished=[False] * len(self.readers))
+                kept = sum(s["examples"] for s in pos["stats"])
+                idle_ends = idle_ends + 1 if kept == kept_before else 0
+                kept_before = kept
+                if idle_ends >= 2:  # a whole pass of the mix gave nothing: it never will
+                    raise DataError("no usable training examples in a whole pass of the streamed mix "
+                                    + ", ".join(f"{s['label']}: {s['dropped']}" for s in pos["stats"]))
             if chunk and (len(chunk) == chunk_rows or ends):
                 pos["rows"] += len(chunk)
                 yield self._batch(chunk, pos)

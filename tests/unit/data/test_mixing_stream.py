@@ -147,3 +147,12 @@ def test_a_stream_with_nothing_left_to_train_on_is_one_line(tokenizer, tmp_path:
     dm.connect(tokenizer)
     with pytest.raises(DataError, match=r"^data.sources\[0\] \(s.jsonl\): no training records after the 3 held out"):
         dm.setup("fit")
+
+
+def test_a_stream_whose_records_are_all_dropped_stops_with_one_line(tokenizer, tmp_path: Path) -> None:
+    data = jsonl(tmp_path / "long.jsonl", [{"instruction": "Say it. " * 40, "input": "", "output": "ok"}] * 3)
+    dm = InstructionDataModule(sources=[MixSource(data, streaming=True)], max_seq_length=16, overlong="drop")
+    dm.connect(tokenizer)
+    dm.setup("fit")
+    with pytest.raises(DataError, match=r"no usable training examples in a whole pass .*'overlong': 6"):
+        next(iter(dm.train_dataloader()))
