@@ -414,8 +414,9 @@ class RecordsDataModule(L.LightningDataModule):
             try:
                 if entry.streaming and isinstance(entry.source, str):
                     want = entry.val_records + 1  # the held-out head and the first training record
-                    head = list(itertools.islice(stream_records(entry.source, entry.split, entry.subset),
-                                                 want if entry.max_examples is None else min(want, entry.max_examples)))
+                    if entry.max_examples is not None:
+                        want = min(want, entry.max_examples)
+                    head = list(itertools.islice(stream_records(entry.source, entry.split, entry.subset), want))
                     if len(head) <= entry.val_records:
                         raise DataError(f"no training records after the {entry.val_records} held out for validation")
                     fmt = self._source_format(entry, *head[-1])
@@ -485,7 +486,8 @@ class RecordsDataModule(L.LightningDataModule):
         self.mix_stats = stats
         built = self.layout("val", val, self.val_format)
         self.val_dataset, self.stats_val = built.dataset, built.stats
-        self._print(mix_report(stats, heading, planned=streaming) + [f"[data] {s}" for s in (self.stats_train, self.stats_val) if s])
+        split_lines = [f"[data] {s}" for s in (self.stats_train, self.stats_val) if s is not None]
+        self._print(mix_report(stats, heading, planned=streaming) + split_lines)
 
     def _source_format(self, entry: MixSource, record: dict, location: Location) -> str:
         """A source's format: its own, else the module's when fixed (pre-training's text), else detected."""

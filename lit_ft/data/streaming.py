@@ -73,7 +73,9 @@ def stream_records(source: str, split: str = "train", subset: str | None = None,
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def _starts_with_object(path: Path) -> bool:

@@ -75,7 +75,8 @@ def test_interleave_share_matches_weights() -> None:
 
 # ----------------------------------------------------------------------------------------- one-line faults
 @pytest.mark.parametrize(("entries", "message"), [
-    ([{"source": "missing/dir/data.jsonl"}], r"^data.sources\[0\] \(data.jsonl\): file not found: missing/dir/data.jsonl"),
+    ([{"source": "missing/dir/data.jsonl"}],
+     r"^data.sources\[0\] \(data.jsonl\): file not found: missing/dir/data.jsonl"),
     ([{"source": "A", "format": "yaml"}], r"^data.sources\[0\] \(A\): unknown format 'yaml' \(expected auto, alpaca"),
     ([{"source": "A", "weight": 1.0}, {"source": "B", "weight": -0.5}],
      r"^data.sources\[1\] \(B\): weight -0.5 is negative"),
