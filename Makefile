@@ -1,4 +1,5 @@
-# lit_ft: `make install`, then `make sft` (embedded default, no GPU, no network), `make test`.
+# lit_ft: `make install`, then `make sft` (embedded default, no GPU, no network), `make test`. `make` alone: help.
+# A target's line in `make help` is its `## ` comment: `name: prerequisites ## what it does`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,9 +9,14 @@ SFT_ADAPTER := artifacts/sft/adapter/adapter_config.json
 RM_EXPORT := artifacts/rm/reward_stats.json
 ARGS ?=
 
-.PHONY: install pretrain sft rm ppo pipeline test test-all bench bench-packing bench-memory gpu-check estimate sweep lint clean
+.PHONY: help install pretrain sft rm ppo pipeline test test-all bench bench-packing bench-memory gpu-check estimate sweep lint clean
+.DEFAULT_GOAL := help
 
-install:
+help: ## list the targets (this)
+	@echo "usage: make TARGET [ARGS='--key=value ...']   (ARGS: extra lit-ft options, e.g. ARGS=--trainer.max_steps=50)"
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z0-9_-]+):.*## (.*)/\1|\2/' | awk -F'|' '{printf "  %-15s %s\n", $$1, $$2}'
+
+install: ## create .venv and install lit_ft with its dev tools (torch CPU wheel without CUDA)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	@# Without CUDA, pin the CPU wheel of torch (plain `torch` would pull a multi-GB CUDA build);
@@ -26,10 +32,10 @@ install:
 $(BASE)/config.json:
 	$(LITFT) fit --config configs/pretrain.yaml $(PRETRAIN_ARGS)
 
-pretrain:
+pretrain: ## pre-train the embedded tiny base (artifacts/base/tiny-mistral, ~8 min on 2 cores)
 	$(LITFT) fit --config configs/pretrain.yaml $(ARGS)
 
-sft: $(BASE)/config.json
+sft: $(BASE)/config.json ## LoRA SFT on the embedded tasks (runs/sft, artifacts/sft/adapter)
 	$(LITFT) fit --config configs/sft.yaml $(ARGS)
 
 # Stage outputs that later stages start from: built once when absent (`make sft` / `make rm` retrain on demand).
@@ -41,60 +47,60 @@ $(RM_EXPORT): $(SFT_ADAPTER)
 
 # The reward model starts from the SFT adapter (made first when absent). `lit-ft fit --config configs/rm.yaml`
 # alone starts from the base model when there is no SFT adapter.
-rm: $(SFT_ADAPTER)
+rm: $(SFT_ADAPTER) ## reward model on preference pairs (runs/rm, artifacts/rm)
 	$(LITFT) fit --config configs/rm.yaml $(ARGS)
 
 # PPO of the SFT policy against the reward model (both made first when absent).
-ppo: $(SFT_ADAPTER) $(RM_EXPORT)
+ppo: $(SFT_ADAPTER) $(RM_EXPORT) ## PPO of the SFT policy against the reward model (runs/ppo, artifacts/ppo)
 	$(LITFT) fit --config configs/ppo.yaml $(ARGS)
 
 # The whole post-training pipeline on the embedded default: pre-train (once), SFT, reward model, PPO.
-pipeline:
+pipeline: ## sft, rm, then ppo
 	$(MAKE) sft
 	$(MAKE) rm
 	$(MAKE) ppo
 
 TRIALS ?= 3
-# Hyperparameter sweep of the SFT settings (configs/sweeps/sft.yaml, W&B's own sweep format). With W&B credentials
+# Hyperparameter sweep of the SFT settings (sweeps/sft.yaml, W&B's own sweep format). With W&B credentials
 # (WANDB_API_KEY or `wandb login`) it is `wandb sweep` then `wandb agent --count $(TRIALS)`: W&B picks the values and
 # the agent runs `lit-ft fit` with them. Without credentials it runs $(TRIALS) local trials through the same command
 # expansion, each a W&B offline run, and prints the ranking. The venv's bin goes first on PATH so that the agent's
 # `/usr/bin/env lit-ft` is this checkout's. `make sweep ARGS=--offline` forces the local run.
-sweep: $(BASE)/config.json
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(LITFT) sweep configs/sweeps/sft.yaml --trials $(TRIALS) $(ARGS)
+sweep: $(BASE)/config.json ## SFT hyperparameter sweep (sweeps/sft.yaml; TRIALS=3; offline without W&B)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(LITFT) sweep sweeps/sft.yaml --trials $(TRIALS) $(ARGS)
 
-test:
+test: ## the test suite without slow tests (~4 min)
 	$(BIN)/pytest -q
 
-test-all:
+test-all: ## every test, slow ones too
 	$(BIN)/pytest -q --runslow
 
-lint:
+lint: ## ruff
 	$(BIN)/ruff check lit_ft tests bench
 
-clean:
+clean: ## delete runs/ and artifacts/
 	rm -rf runs artifacts
 
 # lit_ft SFT against TRL's SFTTrainer on the same model, data and LoRA (installs trl, the bench extra, when it is
 # missing; needs ../shared/data and skips with a reason without it). Its last line is the throughput and memory ratio.
-bench:
+bench: ## lit_ft SFT against TRL's SFTTrainer (throughput and memory ratio)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q 'trl>=1.16,<2'   # the bench extra, not a runtime dependency
 	$(BIN)/python bench/sft_vs_trl.py
 
-bench-packing:
+bench-packing: ## packing against padding
 	$(BIN)/python bench/packing.py
 
 # The 7B recipe chain on one GPU, no network (a random Mistral-7B-shaped model saved in Hub format; SFT, RM, PPO,
 # generate, then bench/sft_vs_trl.py): per stage the measured peak memory beside the estimate, tokens/s and MFU;
 # report in runs/gpu_check/. <= 8 min on one H200. Without CUDA, the tiny variant (the test suite runs it too).
-gpu-check:
+gpu-check: ## the 7B recipe chain on one GPU with a random 7B-shaped model (tiny variant on CPU)
 	$(BIN)/python bench/gpu_check.py $(ARGS)
 
 # docs/memory.md: the estimate of each memory lever, and the loss of the lean 4-bit preparation against PEFT's
 # (3 seeds x 100 steps in bf16 on CPU, ~15 min).
-bench-memory:
+bench-memory: ## docs/memory.md: memory levers and the lean 4-bit preparation's loss (~15 min)
 	$(BIN)/python bench/memory_levers.py
 	$(BIN)/python bench/lean_preparation_quality.py --threads 1
 
-estimate:
+estimate: ## training memory of the 7B SFT recipe, from its config
 	$(LITFT) estimate --config configs/mistral7b_qlora_alpaca.yaml

@@ -10,8 +10,19 @@ Tools that do not train are subcommands of the same command, each a module with 
     lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml                              (lit_ft.tools.estimate)
     lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          (lit_ft.tools.export)
     lit-ft generate --adapter artifacts/sft/adapter --prompt "What is 3 + 4?" --compare        (lit_ft.tools.generate)
-    lit-ft sweep configs/sweeps/sft.yaml --offline --trials 3                                 (lit_ft.tools.sweep)
+    lit-ft sweep sweeps/sft.yaml --offline --trials 3                                         (lit_ft.tools.sweep)
     lit-ft report runs/sft                                                                    (lit_ft.tools.report)
+
+Configs compose: every run gets the standard callbacks (:data:`STANDARD_CALLBACKS`: checkpoints, NaN guard,
+evaluation where a stage sets it, throughput/MFU, memory, profiler, cost, report), each a config group of its own,
+and the standard loggers (W&B, metrics.csv), all under ``run.dir`` (:class:`RunSettings`). A stage config states
+only what differs::
+
+    run: {dir: runs/ppo, name: ppo-tiny}
+    checkpoint: {every_n_train_steps: 40}
+    best_checkpoint: null
+
+Tool flags are written with underscores (as LightningCLI's ``--ckpt_path``); :class:`ToolParser` accepts dashes.
 
 User mistakes (a missing file, a bad record, an unknown format, LoRA targets that match nothing, a bad option
 value, a checkpoint the config does not continue, a full disk) end with one line on stderr naming what is wrong
@@ -32,10 +43,12 @@ import importlib
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
@@ -49,7 +62,22 @@ DEBUG_ENV = "LIT_FT_DEBUG"
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
                       errno.EISDIR}
 
-# Subcommands that are plain tools rather than LightningCLI stages: name -> module holding ``main(argv)``.
+# The LightningCLI subcommands, each one line in ``lit-ft --help``.
+STAGE_COMMANDS = {
+    "fit": "train a stage from YAML configs: lit-ft fit --config configs/sft.yaml",
+    "validate": "run a stage's validation on a checkpoint: lit-ft validate --config ... --ckpt_path FILE",
+    "test": "run a stage's test loop on a checkpoint: lit-ft test --config ... --ckpt_path FILE",
+}
+# What ``lit-ft fit --help`` opens with: where the model and data options are, since they depend on the class.
+MODEL_DATA_HELP = (
+    "The model and data options depend on their classes (given by class_path in the config). See them with "
+    "--model.help CLASS and --data.help CLASS, e.g. `lit-ft fit --model.help lit_ft.stages.causal_lm.CausalLM` "
+    "(stages in lit_ft/stages/: causal_lm.CausalLM, reward_model.RewardModel, ppo.PPO, ...; data modules in "
+    "lit_ft/data/: instruction.InstructionDataModule, preference.PreferenceDataModule, prompts.PromptDataModule, "
+    "...), or a config's resolved settings with `--config configs/sft.yaml --print_config`.")
+
+# Subcommands that are plain tools rather than LightningCLI stages: name -> module holding ``main(argv)``; the
+# first line of the module's docstring is its line in ``lit-ft --help``.
 TOOLS = {
     "score": "lit_ft.tools.score",
     "estimate": "lit_ft.tools.estimate",
@@ -57,6 +85,7 @@ TOOLS = {
     "generate": "lit_ft.tools.generate",
     "sweep": "lit_ft.tools.sweep",
     "report": "lit_ft.tools.report",
+    "chat": "lit_ft.tools.chat",
 }
 
 
@@ -125,8 +154,70 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+@dataclass
+class RunSettings:
+    """Where a run keeps its files, and its W&B name.
+
+    Args:
+        dir: RUN_DIR: ``metrics.csv``, ``config.yaml``, ``report.html``, the W&B folder and ``checkpoints/``. The
+            standard loggers write here, and the checkpoint groups whose ``dirpath`` is unset write to
+            ``<dir>/checkpoints``. ``runs/default``: a config that names no run still keeps its files under runs/.
+        name: the W&B run name (None: W&B picks one, as the sweep's trials want).
+    """
+
+    dir: str = "runs/default"
+    name: str | None = None
+
+
+# The callbacks every stage run gets, each a config group of its own (LightningCLI's forced callbacks): a stage
+# config sets only what differs (``checkpoint: {init_args: {every_n_train_steps: 40}}``), or turns one off with
+# ``null`` (PPO has no validation loss, so no ``best_checkpoint``). Order is the order they run in; Lightning moves
+# the checkpoint callbacks after the others, so RunReport is last of the rest: it reads the others' files.
+STANDARD_CALLBACKS: dict[str, dict | None] = {
+    # Lightning's ModelCheckpoint, written to a temporary file then renamed; last.ckpt is the resume point.
+    "checkpoint": {"class_path": "lit_ft.callbacks.checkpointing.ModelCheckpoint",
+                   "init_args": {"save_last": True, "every_n_train_steps": 100, "save_top_k": 0}},
+    # The best 2 by validation loss (the best and a fallback). No {val/loss} in the file name: its '/' would make a
+    # sub-folder.
+    "best_checkpoint": {"class_path": "lit_ft.callbacks.checkpointing.ModelCheckpoint",
+                        "init_args": {"monitor": "val/loss", "mode": "min", "save_top_k": 2,
+                                      "filename": "best-{step}"}},
+    # A NaN/inf loss stops the run, naming the step (0: stop at the first; N skips up to N such steps first).
+    "nan_guard": {"class_path": "lit_ft.callbacks.nan_guard.NonFiniteGuard", "init_args": {"max_skipped_steps": 0}},
+    # Before/after generations on held-out prompts (lit_ft.callbacks.evaluation.GenerationTable): off unless a
+    # stage sets it, since what it scores depends on the stage's data.
+    "evaluation": None,
+    "throughput": {"class_path": "lit_ft.callbacks.throughput.ThroughputMonitor"},  # tokens/s, MFU, loader wait
+    "memory": {"class_path": "lit_ft.callbacks.memory.MemoryMonitor"},  # peak memory (CUDA) or RSS vs the estimate
+    "profiler": {"class_path": "lit_ft.callbacks.profiler.ProfilerWindow"},  # torch.profiler trace of batches 5-6
+    "cost": {"class_path": "lit_ft.callbacks.cost.CostTracker"},  # device-hours, $ and the projected whole run
+    "report": {"class_path": "lit_ft.callbacks.report.RunReport"},  # report.html at the end
+}
+
+# The loggers of a run whose config leaves ``trainer.logger`` unset: W&B first (the primary logger; offline
+# without credentials), then lit_ft's CSV logger (metrics.csv: curves without a W&B account), both in run.dir.
+# ``trainer.logger: false`` runs without loggers; a list of its own replaces these.
+WANDB_LOGGER = "lit_ft.loggers.wandb_logger.WandbLogger"
+CSV_LOGGER = "lit_ft.loggers.csv_logger.CSVLogger"
+WANDB_PROJECT = "lit_ft"
+
+# Trainer settings shared by every stage, so that no config repeats them and a recipe resolves the same alone or
+# over its stage config.
+TRAINER_DEFAULTS = {
+    "accelerator": "auto",
+    "devices": 1,                   # one device; multi-GPU runs set devices and strategy (docs/fsdp.md)
+    "num_sanity_val_steps": 0,      # 0: every stage validates on its own schedule; sanity steps only cost time
+    "enable_model_summary": False,  # the backbone logs its own trainable/frozen parameter counts
+}
+SEED = 42  # one seed for every stage and recipe: runs repeat unless a config or --seed_everything says otherwise
+
+
 class LitFtCLI(LightningCLI):
-    """LightningCLI with subclass mode for modules and data, configs composed with repeated ``--config``."""
+    """LightningCLI with subclass mode for modules and data, configs composed with repeated ``--config``.
+
+    Every run gets the standard callbacks (:data:`STANDARD_CALLBACKS`, one config group each) and, unless
+    ``trainer.logger`` says otherwise, the standard loggers, all writing under ``run.dir`` (:class:`RunSettings`).
+    """
 
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -139,8 +230,38 @@ class LitFtCLI(LightningCLI):
             args=args,
             run=run,
             auto_configure_optimizers=False,
-            parser_kwargs={"default_env": False, "exit_on_error": False},  # parser errors: one line (see main)
+            # parser errors: one line (see main); each subcommand's help opens with where the model/data options are
+            parser_kwargs={"default_env": False, "exit_on_error": False,
+                           **{name: {"description": f"{line[0].upper()}{line[1:]}. {MODEL_DATA_HELP}"}
+                              for name, line in STAGE_COMMANDS.items()}},
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=SEED,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (no stage has a predict step)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run", type=RunSettings, default=RunSettings(),
+                            help="RUN_DIR and the W&B run name (see lit_ft.cli.RunSettings)")
+        for key, default in STANDARD_CALLBACKS.items():
+            parser.add_lightning_class_args(Callback, key, subclass_mode=True, required=False)
+            parser.set_defaults({key: default})
+
+    def before_instantiate_classes(self) -> None:
+        settings = self.config[self.subcommand] if self.subcommand else self.config
+        fill_run_dir(settings)
+
+    def instantiate_trainer(self, **kwargs):
+        """The standard callbacks that are on (a group set to null is off); with ``trainer.enable_checkpointing:
+        false`` the checkpoint groups are off too."""
+        trainer = dict(self._get(self.config_init, "trainer", default={}), **kwargs)
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        callbacks = [c for c in callbacks if c is not None and not (
+            trainer.get("enable_checkpointing") is False and isinstance(c, LightningModelCheckpoint))]
+        return self._instantiate_trainer(trainer, callbacks)
 
     def _parse_ckpt_path(self) -> None:
         """The config wins: a checkpoint's stored hyper-parameters never replace the config's model settings
@@ -169,6 +290,25 @@ class LitFtCLI(LightningCLI):
             connect(tokenizer)
 
 
+def fill_run_dir(settings) -> None:
+    """Put the run's files in ``run.dir``: the standard loggers when ``trainer.logger`` is unset, and
+    ``<run.dir>/checkpoints`` for each standard checkpoint group whose ``dirpath`` is unset."""
+    run = settings.get("run") or RunSettings()
+    run = run if isinstance(run, RunSettings) else RunSettings(**dict(run))
+    if settings.get("trainer.logger") is None:
+        settings["trainer.logger"] = [
+            Namespace(class_path=WANDB_LOGGER,
+                      init_args=Namespace(project=WANDB_PROJECT, name=run.name, save_dir=run.dir)),
+            Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=run.dir)),
+        ]
+    for key in STANDARD_CALLBACKS:
+        group = settings.get(key)
+        init_args = group.get("init_args") if group is not None else None
+        if (group is not None and str(group.get("class_path", "")).endswith("ModelCheckpoint")
+                and init_args is not None and init_args.get("dirpath") is None):
+            init_args["dirpath"] = os.path.join(run.dir, "checkpoints")
+
+
 def check_before_work(cli: LightningCLI, subcommand: str) -> None:
     """Everything that can be known wrong before the model is built: the checkpoint (readable, and continued by
     this config), the optimiser's settings, and the output directories."""
@@ -180,7 +320,7 @@ def check_before_work(cli: LightningCLI, subcommand: str) -> None:
     trainer, module = cli.trainer, cli.model
     fitting = subcommand == "fit"
     # With a subcommand the settings are under its name; built with run=False they are the top level.
-    settings = cli.config_init[subcommand] if subcommand in cli.config_init else cli.config_init
+    settings = cli.config_init.get(subcommand, cli.config_init)
     path = resolve_ckpt_path(trainer, settings.get("ckpt_path"))
     if path is not None:
         check_before_build(module, trainer, cli.datamodule, path, fitting, settings.get("weights_only"))
@@ -227,6 +367,50 @@ def resolve_ckpt_path(trainer, ckpt_path: str | None) -> str | None:
     return str(ckpt_path)
 
 
+def overview() -> str:
+    """``lit-ft --help``: every subcommand with one line."""
+    width = max(map(len, [*STAGE_COMMANDS, *TOOLS])) + 2
+    lines = ["usage: lit-ft COMMAND [options]        (lit-ft COMMAND --help: the command's options)", "",
+             "Stages (LightningCLI over YAML configs):"]
+    lines += [f"  {name:<{width}}{line}" for name, line in STAGE_COMMANDS.items()]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:<{width}}{tool_summary(module)}" for name, module in TOOLS.items()]
+    lines += ["", "Flags are written with underscores (--max_new_tokens, --ckpt_path); the tools accept dashes too",
+              "(--max-new-tokens). --debug shows the traceback of a user error."]
+    return "\n".join(lines)
+
+
+def tool_summary(module: str) -> str:
+    """The first line of a tool module's docstring, without its ``lit-ft NAME`` prefix (read, not imported)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    source = Path(spec.origin).read_text() if spec is not None and spec.origin else ""
+    doc = (ast.get_docstring(ast.parse(source)) or "").strip().splitlines()
+    first = doc[0] if doc else ""
+    return re.sub(r"^``lit-ft [^`]*``:\s*", "", first).rstrip(".")
+
+
+class ToolParser(argparse.ArgumentParser):
+    """The tools' argument parser: flags are declared with underscores, as LightningCLI's (``--max_new_tokens``),
+    and the dashed spelling (``--max-new-tokens``) is accepted too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known = {_underscored(option): option for option in self._option_string_actions if option.startswith("--")}
+        rewritten = []
+        for arg in args:
+            name, eq, value = arg.partition("=")
+            spelled = known.get(_underscored(name)) if arg.startswith("--") else None
+            rewritten.append(spelled + eq + value if spelled else arg)
+        return super().parse_known_args(rewritten, namespace)
+
+
+def _underscored(option: str) -> str:
+    return "--" + option[2:].replace("-", "_") if option.startswith("--") else option
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lit-ft`` and ``python -m lit_ft``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -238,6 +422,9 @@ def main(args: list[str] | None = None) -> None:
             sys.argv[1:] = argv
         else:
             args = argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return
     try:
         if argv[:1] and argv[0] in TOOLS:  # a plain tool, not a LightningCLI subcommand
             importlib.import_module(TOOLS[argv[0]]).main(argv[1:])

@@ -48,8 +48,8 @@ class StopAt(L.Callback):
 
 
 def config_command(config: Path) -> list[str]:
-    """The `lit-ft ...` command given in the config's first comment line, as arguments (configs/ made absolute)."""
+    """The `lit-ft ...` command given in the config's first comment line, as arguments (its files made absolute)."""
     first = config.read_text().splitlines()[0]
     assert first.startswith("# lit-ft "), f"{config.name}: first line must give the command that runs it"
     args = shlex.split(first[len("# lit-ft ") :].split("  ")[0])
-    return [str(ROOT / a) if a.startswith("configs/") else a for a in args]
+    return [str(ROOT / a) if a.startswith(("configs/", "sweeps/", "examples/")) else a for a in args]

@@ -19,10 +19,13 @@ import torch
 import yaml
 
 from lit_ft.callbacks.checkpointing import AtomicCheckpointIO
+from lit_ft.cli import STANDARD_CALLBACKS
 from tests.tiny_models import ROOT, TINY
 
 SUBPROCESS_TIMEOUT_S = 300  # one tiny run takes ~15 s on 2 cores; a hung DDP rendezvous must not hang the suite
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}  # dropout 0: runs are deterministic
+# The CLI's standard callbacks off: a tiny run has exactly the callbacks its trainer config lists.
+STANDARD_OFF: dict[str, None] = dict.fromkeys(STANDARD_CALLBACKS)
 
 
 def write_alpaca(path: Path, n: int) -> Path:
@@ -61,6 +64,7 @@ def sft_config(base: str, data: Path, run_dir: Path, max_steps: int = 10, every:
     return {
         "seed_everything": 42,
         "trainer": trainer_config(run_dir, max_steps, every, **trainer),
+        **STANDARD_OFF,
         "model": {"class_path": "lit_ft.stages.causal_lm.CausalLM",
                   "init_args": {"backbone": backbone_config(base),
                                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
@@ -76,6 +80,7 @@ def ppo_config(base: str, run_dir: Path, max_steps: int = 16, every: int = 8, **
     return {
         "seed_everything": 42,
         "trainer": trainer_config(run_dir, max_steps, every, **trainer),
+        **STANDARD_OFF,
         "model": {"class_path": "lit_ft.stages.ppo.PPO",
                   "init_args": {"backbone": backbone_config(base, None), "policy_adapter": None,
                                 "reward_model": None, "value_init": "fresh", "reference": "base",

@@ -86,6 +86,9 @@ def _check_all_loaded(model, directory: str | os.PathLike, adapter_name: str) ->
         saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     name = re.compile(rf"\.{re.escape(adapter_name)}(?=\.|$)")
     loaded = {name.sub("", key): tuple(p.shape) for key, p in model.named_parameters() if name.search(key)}
+    # PEFT saves DoRA's magnitude ``lora_magnitude_vector.<adapter>.weight`` as plain ``lora_magnitude_vector``
+    loaded.update({key[: -len(".weight")]: shape for key, shape in loaded.items()
+                   if key.endswith("lora_magnitude_vector.weight")})
     missing = [key for key, shape in saved.items() if loaded.get(key) != shape]
     if missing:
         raise BackboneError(f"{directory}: {len(missing)} of {len(saved)} adapter tensors match no module of the "
@@ -102,6 +105,8 @@ def add_adapter(model, lora: LoraSettings, trainable: bool = True):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -28,7 +28,7 @@ import torch
 
 from lit_ft.backbone.adapters import add_adapter, load_adapter, resolve_init_adapter, staged_dir
 from lit_ft.backbone.packed_attention import PACKED_ATTENTION, register_packed_attention
-from lit_ft.errors import BackboneError
+from lit_ft.errors import BackboneError, ConfigError
 
 log = logging.getLogger("lit_ft")
 
@@ -74,6 +74,17 @@ class LoraSettings:
         dropout: dropout on the adapter input (0.05: QLoRA paper's value for 7B-13B models).
         target_modules: module names to adapt, or "all-linear" (QLoRA: every linear layer but the output head).
         adapter_name: the adapter's name, so one base can hold several (policy, value, reward).
+        use_dora: DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): each adapted weight is
+            split into a magnitude vector (trained, one value per output feature) and a direction that LoRA
+            adapts. Off: it adds a weight-norm computation to every adapted layer's forward pass (slower, and
+            on a 4-bit base a dequantisation per layer), for gains the paper reports mostly at small ranks.
+        use_rslora: rank-stabilised LoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for
+            Fine-Tuning with LoRA"): scale the update by alpha/sqrt(r) instead of alpha/r, so that high ranks
+            still learn. Off: QLoRA's recipes and their learning rates were tuned with alpha/r.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"):
+            the B matrices train at this multiple of the learning rate, the A matrices (and everything else) at
+            the learning rate itself, as two optimiser parameter groups (lit_ft.stages.schedules.lora_param_groups).
+            None: off, one learning rate as in LoRA and QLoRA; 16 is the paper's suggestion for LLaMA-scale models.
     """
 
     r: int = 16
@@ -81,6 +92,14 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
     adapter_name: str = "default"
+    use_dora: bool = False
+    use_rslora: bool = False
+    loraplus_lr_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ConfigError(f"lora.loraplus_lr_ratio must be positive (16: the LoRA+ paper's suggestion) or "
+                              f"null, got {self.loraplus_lr_ratio}")
 
 
 @dataclass

@@ -163,20 +163,28 @@ def _right_pad(items: list[dict[str, torch.Tensor]], pad_token_id: int, multiple
 
 
 @dataclass
-class PackedCollator:
+class _RightPadCollator:
+    """What both collators share: right-pad the batch's items to its longest (rounded up)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile
+
+    def _right_padded(self, items: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """The padded batch, each item's length, and the batch width."""
+        batch = _right_pad(items, self.pad_token_id, self.pad_to_multiple_of)
+        return batch, batch.pop("lengths"), batch["input_ids"].shape[1]
+
+
+@dataclass
+class PackedCollator(_RightPadCollator):
     """Stack packed rows; pads each row to the batch's longest (rounded up) as a separate pad segment.
 
     Returns ``input_ids``, ``labels``, ``position_ids`` (B, L) LongTensors and no attention mask. The
     first label of every example is -100 so no example learns to predict across a boundary.
     """
 
-    pad_token_id: int
-    pad_to_multiple_of: int = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile
-
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = _right_pad(items, self.pad_token_id, self.pad_to_multiple_of)
-        lengths = batch.pop("lengths")
-        width = batch["input_ids"].shape[1]
+        batch, lengths, width = self._right_padded(items)
         position_ids = torch.zeros_like(batch["input_ids"])
         for b, item in enumerate(items):
             n = int(lengths[b])
@@ -188,16 +196,11 @@ class PackedCollator:
 
 
 @dataclass
-class PaddedCollator:
+class PaddedCollator(_RightPadCollator):
     """Right-pad single examples to the batch's longest (rounded up), with an ``attention_mask``."""
 
-    pad_token_id: int
-    pad_to_multiple_of: int = 8  # tensor-core friendly shapes, and fewer distinct shapes to compile
-
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = _right_pad(items, self.pad_token_id, self.pad_to_multiple_of)
-        lengths = batch.pop("lengths")
-        width = batch["input_ids"].shape[1]
+        batch, lengths, width = self._right_padded(items)
         batch["labels"][:, 0] = IGNORE_INDEX
         batch["position_ids"] = torch.arange(width).expand(len(items), width).clone()
         batch["attention_mask"] = (torch.arange(width)[None] < lengths[:, None]).long()

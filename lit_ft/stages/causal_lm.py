@@ -32,7 +32,7 @@ from lit_ft.backbone.neftune import NEFTune
 from lit_ft.losses.lm import DEFAULT_CHUNK_SIZE, supervised_token_loss
 from lit_ft.padding import example_lengths_from_attention_mask, example_lengths_from_position_ids
 from lit_ft.stages.run_contract import CheckpointContract
-from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
+from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
 
 
 class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
@@ -152,7 +152,7 @@ class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
 
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = lora_param_groups(self.model, self.backbone.lora)
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
                                       self.trainer.estimated_stepping_batches)
 

@@ -61,7 +61,7 @@ from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import Rollout, response_hidden, response_logits, sample
 from lit_ft.stages.reward_model import init_score_head, load_reward_model, sequence_rewards
 from lit_ft.stages.run_contract import CheckpointContract
-from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
+from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
 
 POLICY, VALUE, REWARD, REFERENCE = "policy", "value", "reward", "reference"
 # Lightning warns that checkpoints of manual optimisation hold the state after the step; PPO's checkpoints are
@@ -519,8 +519,8 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        return optimizer_and_schedule(self.trainable_parameters(), self.optimizer_fn, self.scheduler_fn,
-                                      self.trainer.estimated_stepping_batches)
+        return optimizer_and_schedule(lora_param_groups(self, self.backbone.lora), self.optimizer_fn,
+                                      self.scheduler_fn, self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ from lit_ft.losses.reward import (
 )
 from lit_ft.padding import last_token_index, position_ids_from_mask
 from lit_ft.stages.run_contract import CheckpointContract
-from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
+from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
 
 HEAD_FILE = "score_head.safetensors"
 STATS_FILE = "reward_stats.json"
@@ -242,7 +242,7 @@ class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
 
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = lora_param_groups(self, self.backbone.lora)
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
                                       self.trainer.estimated_stepping_batches)
 

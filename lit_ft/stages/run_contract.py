@@ -60,7 +60,7 @@ class Rule(NamedTuple):
     why: str
 
 
-# First match wins; the README's resume table lists the same rules.
+# First match wins; the resume table in docs/reference.md lists the same rules.
 RULES: tuple[Rule, ...] = (
     Rule("stage", "refuse", "a checkpoint resumes only the stage that wrote it"),
     Rule("model_class", "refuse", "a checkpoint resumes only the module class that wrote it"),
@@ -68,6 +68,8 @@ RULES: tuple[Rule, ...] = (
     Rule("tokenizer", "refuse", "token ids would mean other tokens"),
     Rule("adapters", "refuse", "the checkpoint's weights are stored under its adapter names, so none would load"),
     Rule("lora.*.dropout", "log", "a training-time setting: the config's is used"),
+    Rule("lora.loraplus_lr_ratio", "refuse", "the checkpoint's optimiser state holds its own parameter groups "
+                                             "(LoRA+ gives the B matrices a group of their own)"),
     Rule("lora.*", "refuse", "the adapter would have other shapes, layers or scale than its trained weights"),
     Rule("data.num_workers", "ignore", ""),
     Rule("data.micro_batch_size", "log", "the data position is counted in examples: none is skipped or repeated"),
@@ -121,7 +123,10 @@ def _backbone_fields(spec: Any) -> dict[str, Any]:
     else:
         base = source_identity(spec.pretrained)
     tokenizer = source_identity(spec.tokenizer) if spec.tokenizer else (base if spec.pretrained else EMBEDDED_TOKENIZER)
-    return {"base_model": base, "tokenizer": tokenizer}
+    fields = {"base_model": base, "tokenizer": tokenizer}
+    if getattr(spec, "lora", None) is not None:  # LoRA+: known before the model is built
+        fields["lora.loraplus_lr_ratio"] = spec.lora.loraplus_lr_ratio
+    return fields
 
 
 _DATA_FIELDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # data module -> its fields
@@ -227,7 +232,9 @@ def trainable_adapters(model: Any) -> dict[str, Any]:
         if any(f".{name}." in n for n in names):
             targets = config.target_modules
             adapters[name] = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-                              "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
+                              "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+                              "use_dora": bool(getattr(config, "use_dora", False)),
+                              "use_rslora": bool(getattr(config, "use_rslora", False))}
     return adapters
 
 

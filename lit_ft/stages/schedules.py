@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -22,6 +22,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from lit_ft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lit_ft.backbone.builder import LoraSettings
 
 UNBOUNDED_HORIZON = 1000  # steps of the cosine when the run has no step limit (max_steps: -1, no max_epochs)
 RESUMED_SCHEDULER_KEYS = ("last_epoch", "_step_count", "_is_initial")  # a scheduler's state; the rest is settings
@@ -115,6 +118,9 @@ def build_optimizer(params, optimizer_fn, scheduler_fn) -> tuple[Optimizer, Any]
         optimizer = optimizer_fn(params)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.optimizer: {_first_line(err)}") from err
+    for group in optimizer.param_groups:  # LoRA+: before the scheduler, which starts from each group's lr
+        if LR_RATIO in group:
+            group["lr"] = group["lr"] * group[LR_RATIO]
     try:
         scheduler = scheduler_fn(optimizer)
     except ConfigError:
@@ -154,8 +160,34 @@ def _keep_config_settings(config_groups: list[dict[str, Any]], optimizer: Optimi
                               f"{', '.join(changes)}")
 
 
+LR_RATIO = "lr_ratio"  # a parameter group's multiple of the optimiser's learning rate (LoRA+'s B matrices)
+
+
+def lora_param_groups(module: torch.nn.Module, lora: LoraSettings | None = None) -> list:
+    """The trainable parameters of ``module``, for every stage's optimiser: one list, or with LoRA+ (Hayou et al.
+    2024, ``lora.loraplus_lr_ratio`` set) two parameter groups, the LoRA B matrices at ``loraplus_lr_ratio`` x the
+    learning rate and everything else (A matrices, DoRA magnitudes, score and value heads) at the learning rate.
+
+    The paper's rule is about B and A alone; PEFT's ``create_loraplus_optimizer`` also puts every 1-D parameter
+    (biases, DoRA magnitudes) in B's group. Here a head's bias keeps the learning rate its weight has.
+    """
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    loraplus_lr_ratio = getattr(lora, "loraplus_lr_ratio", None)
+    if loraplus_lr_ratio is None:
+        return [p for _, p in trainable]
+    b = [p for name, p in trainable if ".lora_B." in name or ".lora_embedding_B." in name]
+    b_ids = {id(p) for p in b}
+    rest = [p for _, p in trainable if id(p) not in b_ids]
+    groups = [{"params": rest, "name": "lora_A+rest"}, {"params": b, "name": "lora_B", LR_RATIO: loraplus_lr_ratio}]
+    return [g for g in groups if g["params"]]
+
+
 def optimizer_and_schedule(params, optimizer_fn, scheduler_fn, total_steps: float) -> dict:
-    """What ``configure_optimizers`` returns: the injected optimiser over ``params`` and a per-step scheduler.
+    """What ``configure_optimizers`` returns: the injected optimiser over ``params`` (a list of parameters, or
+    parameter groups from :func:`lora_param_groups`) and a per-step scheduler.
+
+    A group with an ``lr_ratio`` trains at that multiple of the optimiser's learning rate, set before the
+    scheduler is made, so that the scheduler starts from it and scales every group alike.
 
     A scheduler whose ``total_steps`` is None learns it here from ``total_steps`` (the trainer's
     ``estimated_stepping_batches``; 1000 when that is infinite). On resume the optimiser keeps these settings

@@ -1,7 +1,7 @@
 """``lit-ft estimate``: training memory of a config, from the config alone (meta-device model, no weights).
 
     lit-ft estimate --config configs/mistral7b_qlora_alpaca.yaml
-    lit-ft estimate --config configs/sft.yaml --config configs/mistral7b_qlora_alpaca.yaml --supervised-fraction 0.4
+    lit-ft estimate --config configs/sft.yaml --config configs/mistral7b_qlora_alpaca.yaml --supervised_fraction 0.4
 
 The configs are merged by ``lit-ft fit``'s own parser (later ``--config`` files and dotted overrides apply); nothing
 is instantiated. The shape comes from ``AutoConfig`` (local directory or hub cache), from TinyConfig when
@@ -12,7 +12,6 @@ The memory model (the formula, the phases) is :mod:`lit_ft.tools.memory_model`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lit_ft.cli import ToolParser
 from lit_ft.tools.memory_model import GIB, MemoryEstimate, ModelShape, TrainingSetup, estimate, meta_model
 
 # The model's main names are read from here too (callers of the tool before the model had its own module).
@@ -46,7 +46,7 @@ def hf_config(pretrained: str | None, tiny: dict[str, Any] | None = None) -> tup
     """The transformers config of a backbone source, and where it came from. Never downloads weights."""
     from transformers import AutoConfig, LlamaConfig, MistralConfig
 
-    if pretrained is None:
+    if pretrained in (None, "None", "null"):  # `--model.init_args.backbone.pretrained null` parses to "None"
         from lit_ft.backbone import TinyConfig
 
         return MistralConfig(vocab_size=EMBEDDED_VOCAB, tie_word_embeddings=False,
@@ -122,7 +122,8 @@ def setup_from_config(config: dict[str, Any], supervised_fraction: float | None 
         attn_implementation=backbone.get("attn_implementation") or "sdpa",
         gradient_checkpointing=bool(backbone.get("gradient_checkpointing")),
         lora_r=lora.get("r", 16) if lora else None, lora_targets=(lora or {}).get("target_modules", "all-linear"),
-        lora_dropout=float((lora or {}).get("dropout", 0.0)), optimizer=opt_path, sgd_momentum=momentum,
+        lora_dropout=float((lora or {}).get("dropout", 0.0)), lora_dora=bool((lora or {}).get("use_dora")),
+        optimizer=opt_path, sgd_momentum=momentum,
         loss_chunk_size=int(_value(model, "loss_chunk_size", default=TrainingSetup.loss_chunk_size)),
     )
     _adapter_config(setup, backbone.get("init_adapter"))
@@ -150,23 +151,24 @@ def setup_from_config(config: dict[str, Any], supervised_fraction: float | None 
 
 
 def _adapter_config(setup: TrainingSetup, directory: str | None) -> None:
-    """An existing init adapter brings its own r and targets (as lit_ft.backbone.build_model does)."""
+    """An existing init adapter brings its own r, targets and DoRA setting (as lit_ft.backbone.build_model does)."""
     path = Path(directory or "") / "adapter_config.json"
     if directory and path.exists():
         saved = json.loads(path.read_text())
         setup.lora_r = saved.get("r", setup.lora_r)
+        setup.lora_dora = bool(saved.get("use_dora", setup.lora_dora))
         targets = saved.get("target_modules", setup.lora_targets)
         setup.lora_targets = sorted(targets) if isinstance(targets, (list, set)) else targets
 
 
 def main(argv: list[str] | None = None) -> None:
     """``lit-ft estimate --config CONFIG [--config CONFIG ...] [overrides]``: print the memory breakdown."""
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="lit-ft estimate", description="Training memory of a config, from the config alone.",
         epilog="Every other option (--config, --model.init_args...) goes to the lit-ft fit parser.")
-    parser.add_argument("--supervised-fraction", type=float, default=None,
+    parser.add_argument("--supervised_fraction", type=float, default=None,
                         help="share of positions with a loss (default 1.0: an upper bound; Alpaca is ~0.4)")
-    parser.add_argument("--sequence-length", type=int, default=None,
+    parser.add_argument("--sequence_length", type=int, default=None,
                         help="row length to estimate for (default: data max_seq_length)")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     own, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -2,13 +2,13 @@
 
     lit-ft export --checkpoint runs/sft/checkpoints/last.ckpt --out artifacts/sft/exported   # the adapter alone
     lit-ft export --adapter artifacts/sft/adapter --merge --out artifacts/sft/merged          # LoRA merged in
-    lit-ft export --adapter artifacts/sft/adapter --merge --out merged --push-to-hub me/tiny-sft --private
+    lit-ft export --adapter artifacts/sft/adapter --merge --out merged --push_to_hub me/tiny-sft --private
 
 A checkpoint (``runs/*/checkpoints/*.ckpt``) holds the trainable parameters and the ``backbone`` settings, so the
 model is rebuilt as it was trained (same base, same quantisation, same LoRA) and the LoRA tensors loaded into it; a
 reward model's checkpoint also gives its score head and reward statistics, so that ``lit-ft score`` takes the export.
 An adapter directory loads on its base as its ``lit_ft_base.json`` says it was trained; every export writes that
-record too. ``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override how the base loads
+record too. ``--dtype`` and ``--load_in_4bit/--no-load_in_4bit`` override how the base loads
 (:mod:`lit_ft.tools.loading`).
 
 ``--merge`` writes a plain transformers model (safetensors, config, generation config, tokenizer) that loads with
@@ -56,6 +56,7 @@ from lit_ft.backbone import (
     save_full_model,
 )
 from lit_ft.backbone.base_record import BaseRecord, prompt_format_of
+from lit_ft.cli import ToolParser
 from lit_ft.data.formats import Prompt
 from lit_ft.stages.reward_model import HEAD_FILE, STATS_FILE, write_reward_files
 from lit_ft.tools.generate import PROMPT_FORMATS, Sampling, build_prompts, generate_texts, prompt_rows
@@ -332,13 +333,13 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> str:
         api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="lit-ft export")
     except Exception as err:  # noqa: BLE001 - offline, no token, no permission (the client's own error types)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"--push-to-hub {repo}: upload failed ({type(err).__name__}: {reason}); the local "
+        raise BackboneError(f"--push_to_hub {repo}: upload failed ({type(err).__name__}: {reason}); the local "
                             f"export in {folder} is complete") from None
     return f"https://huggingface.co/{repo}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lit-ft export",
+    parser = ToolParser(prog="lit-ft export",
                                      description="Export a checkpoint or an adapter: the adapter, or merged.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a training checkpoint (runs/*/checkpoints/*.ckpt)")
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=PROMPT_FORMATS,
                         help="prompt template for the check (default: the one the adapter was trained with)")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="greedy tokens compared per check prompt")
-    parser.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO", help="upload the export to this repo")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="upload the export to this repo")
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     return parser
 

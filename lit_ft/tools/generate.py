@@ -6,7 +6,7 @@
     lit-ft generate --model artifacts/sft/merged --base artifacts/base/tiny-mistral --prompt "..." --compare
 
 The base loads as the adapter was trained (``lit_ft_base.json``: NF4 with bfloat16 compute for a QLoRA adapter);
-``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override that (:mod:`lit_ft.tools.loading`).
+``--dtype`` and ``--load_in_4bit/--no-load_in_4bit`` override that (:mod:`lit_ft.tools.loading`).
 
 Prompts are rendered with the training templates of :mod:`lit_ft.data.formats` (by default the adapter's own:
 ``alpaca``, or ``chat`` for ``[INST]`` turns or the tokenizer's chat template) and start with BOS, token for token
@@ -31,6 +31,7 @@ import torch
 from lit_ft.backbone import BackboneError
 from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.callbacks.evaluation import greedy_generate
+from lit_ft.cli import ToolParser
 from lit_ft.data.formats import Prompt, alpaca_messages, format_prompt
 from lit_ft.data.sources import DataError, Location, load_records_with_locations
 from lit_ft.errors import ConfigError
@@ -173,7 +174,7 @@ def comparison_table(rows: list[dict], before: list[str], after: list[str], refe
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lit-ft generate",
+    parser = ToolParser(prog="lit-ft generate",
                                      description="Generate from a base model, an adapter or a merged export.")
     parser.add_argument("--adapter", help="a PEFT adapter directory (its base is read from lit_ft_base.json or "
                                           "adapter_config.json)")

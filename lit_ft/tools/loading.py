@@ -5,10 +5,10 @@ the tools load it the same way, so a QLoRA adapter of Mistral-7B runs on its 4-b
 (about 4 GB) rather than on a float32 copy (29 GB). Two flags, the same in every tool, override the record:
 
     --dtype {float32,bfloat16,float16}   what the model computes in: the unquantised weights and the 4-bit matmuls
-    --load-in-4bit / --no-load-in-4bit   load the base in 4-bit NF4, or unquantised
+    --load_in_4bit / --no-load_in_4bit   load the base in 4-bit NF4, or unquantised
 
 Without a record (an adapter made elsewhere, a merged export, a bare base) the base loads unquantised, in float32
-on CPU and bfloat16 on a GPU; ``--load-in-4bit`` then means NF4 with bfloat16 compute (QLoRA's settings).
+on CPU and bfloat16 on a GPU; ``--load_in_4bit`` then means NF4 with bfloat16 compute (QLoRA's settings).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from lit_ft.backbone.base_record import BaseRecord
 
 
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:
-    """``--dtype`` and ``--load-in-4bit/--no-load-in-4bit``, with the record's values as their defaults."""
+    """``--dtype`` and ``--load_in_4bit/--no-load_in_4bit``, with the record's values as their defaults."""
     parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="dtype the model computes in: its unquantised weights and 4-bit matmuls (default: as "
                              "trained, from the adapter's lit_ft_base.json; else float32 on CPU, bfloat16 on GPU)")
-    parser.add_argument("--load-in-4bit", dest="load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
                         help="load the base in 4-bit NF4, or not (default: as trained)")
 
 
@@ -53,7 +53,7 @@ def base_spec(pretrained: str, record: BaseRecord | None = None, dtype: str | No
     if dtype is not None:
         spec = dataclasses.replace(spec, dtype=dtype, compute_dtype=dtype)
     elif spec.quantization == "nf4" and record is not None and record.quantization == "none":
-        spec = dataclasses.replace(spec, compute_dtype=spec.dtype)  # --load-in-4bit on an unquantised record
+        spec = dataclasses.replace(spec, compute_dtype=spec.dtype)  # --load_in_4bit on an unquantised record
     return spec
 
 

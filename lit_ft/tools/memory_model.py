@@ -12,6 +12,8 @@ Per decoder layer and per token, the tensors autograd keeps for the backward pas
                   be cast (a wider stream under autocast) or LoRA dropout makes one, else one copy shared by the
                   linears that read it (q,k,v; gate,up); + 1 byte/element of dropout mask (CUDA)
         LoRA      c * r per targeted linear (lora_A outputs)
+        DoRA      + 2 * c * out per targeted linear (PEFT keeps the base layer's output and the LoRA branch's, for
+                  the magnitude's and the adapter's gradients; within 10% of what autograd saves on a tiny model)
         attention sdpa/flash: q + k + v + out = c*(2h + 2k_v) + 4*heads (logsumexp), with k_v = h when
                   transformers repeats the KV heads (sdpa with a mask: packed or padded rows), else kv width;
                   eager: c*(h + 2 k_v) + a*s*(4 + c) (fp32 softmax probabilities and their cast)
@@ -124,6 +126,8 @@ class TrainingSetup:
         gradient_checkpointing: recompute each decoder layer in the backward pass.
         lora_r, lora_targets, lora_dropout: LoRA rank (None: every parameter trains), target modules ("all-linear"
             or names), dropout (>0 keeps a mask per adapted input).
+        lora_dora: DoRA adapters (``LoraSettings.use_dora``): a trainable magnitude per output feature of each
+            adapted linear, and two more kept outputs per adapted linear. rsLoRA and LoRA+ change no memory.
         num_trainable_adapters: adapters that train at once (PPO: policy and value).
         num_frozen_adapters: extra frozen adapters in memory (PPO: reward, reference).
         head_params: trainable scalar heads (RM/PPO score and value heads).
@@ -152,6 +156,7 @@ class TrainingSetup:
     lora_r: int | None = 16
     lora_targets: str | list[str] = "all-linear"
     lora_dropout: float = 0.0
+    lora_dora: bool = False
     num_trainable_adapters: int = 1
     num_frozen_adapters: int = 0
     head_params: int = 0
@@ -295,9 +300,17 @@ def targeted_linears(setup: TrainingSetup) -> set[str]:
             if setup.lora_r is None or _peft_matches(f"model.layers.0.{block}.{name}", setup.lora_targets)}
 
 
-def lora_param_count(model: Any, r: int, targets: str | list[str]) -> int:
-    """LoRA parameters PEFT adds: r * (in + out) per adapted linear (A is r x in, B is out x r)."""
-    return sum(r * (i + o) for _, i, o in lora_targets(model, targets))
+def lora_param_count(model: Any, r: int, targets: str | list[str], dora: bool = False) -> int:
+    """LoRA parameters PEFT adds: r * (in + out) per adapted linear (A is r x in, B is out x r), and with DoRA
+    its magnitude vector, one value per output feature (``lora_magnitude_vector``)."""
+    return sum(r * (i + o) + (o if dora else 0) for _, i, o in lora_targets(model, targets))
+
+
+def linear_out_width(shape: ModelShape, name: str) -> int:
+    """Output features of a decoder layer's linear, by its name in :data:`LAYER_LINEARS`."""
+    widths = {"q_proj": shape.num_heads * shape.head_dim, "k_proj": shape.kv_width, "v_proj": shape.kv_width,
+              "gate_proj": shape.intermediate_size, "up_proj": shape.intermediate_size}
+    return widths.get(name, shape.hidden_size)
 
 
 def nf4_bytes(numels: list[int], double_quant: bool = True) -> int:
@@ -347,6 +360,8 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     linears = (inputs(("q_proj", "k_proj", "v_proj"), h, rho) + o_input + inputs(("gate_proj", "up_proj"), h, rho)
                + inputs(("down_proj",), inter, o))
     lora_mid = len(kept) * c * setup.lora_r * setup.num_trainable_adapters if not full else 0
+    if setup.lora_dora and not full:  # the base output and the LoRA output of each adapted linear
+        lora_mid += 2 * c * sum(linear_out_width(shape, name) for name in kept) * setup.num_trainable_adapters
     kv = h if (setup.attn_implementation == "eager" or _has_mask(setup)) else shape.kv_width  # repeat_kv copies
     if setup.attn_implementation == "eager":
         attention = c * (h + 2 * kv) + a * setup.seq_length * (4 + (c if c != 4 else 0))
@@ -398,10 +413,12 @@ def estimate(shape: ModelShape, setup: TrainingSetup, model: Any = None) -> Memo
     else:
         lines.append(Line(f"  {_dtype_name(setup.dtype_bytes)} weights", total, setup.dtype_bytes * total, "every parameter"))
     if setup.lora_r is not None:
-        one = lora_param_count(model, setup.lora_r, setup.lora_targets)
+        one = lora_param_count(model, setup.lora_r, setup.lora_targets, setup.lora_dora)
+        matrices = lora_param_count(model, setup.lora_r, setup.lora_targets) * setup.num_trainable_adapters
         trainable = one * setup.num_trainable_adapters + setup.head_params
         lines.append(Line("trainable LoRA parameters (fp32)", trainable, 4 * trainable,
                           f"r={setup.lora_r} on {len(lora_targets(model, setup.lora_targets))} linears"
+                          + (" + DoRA magnitudes" if setup.lora_dora else "")
                           + (f" x {setup.num_trainable_adapters} adapters" if setup.num_trainable_adapters > 1
                              else "") + (f" + {setup.head_params:,} head" if setup.head_params else "")))
         if setup.num_frozen_adapters:
@@ -448,7 +465,7 @@ def estimate(shape: ModelShape, setup: TrainingSetup, model: Any = None) -> Memo
         lines.append(Line("autocast weight copies (saved)", linear, linear * setup.compute_bytes,
                           "each linear's weight cast once per forward, kept for the backward", phase=copies))
     if setup.lora_r is not None and setup.compute_bytes < 4:
-        lora = trainable - setup.head_params
+        lora = matrices  # DoRA's magnitudes enter elementwise ops only: autocast casts no copy of them
         lines.append(Line("autocast copies of LoRA weights (saved)", lora, lora * setup.compute_bytes,
                           "fp32 LoRA weights cast once per forward (autocast's cache), kept for the backward",
                           phase=copies))

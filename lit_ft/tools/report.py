@@ -15,7 +15,6 @@ says which file and which callback writes it.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -26,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from lit_ft.cli import ToolParser
 from lit_ft.errors import UserError
 from lit_ft.loggers.run_dir import CONFIG_FILE, COST_FILE, EVALUATION_FILE, METRICS_FILE, REPORT_FILE
 from lit_ft.metrics import exact_match
@@ -339,7 +339,7 @@ code{background:#eef2f7;padding:1px 5px;border-radius:4px}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lit-ft report",
+    parser = ToolParser(prog="lit-ft report",
                                      description="Write the run's self-contained HTML report from its run directory.")
     parser.add_argument("run_dir", help="the run directory (runs/<stage>): metrics.csv, config.yaml, *.json")
     parser.add_argument("--out", default=None, help=f"where to write the page (default RUN_DIR/{REPORT_FILE})")

@@ -4,7 +4,7 @@
     lit-ft score --adapter artifacts/rm --file pairs.jsonl
 
 The base loads as the reward model was trained (``lit_ft_base.json``: NF4 with bfloat16 compute for a QLoRA
-adapter); ``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override that (:mod:`lit_ft.tools.loading`).
+adapter); ``--dtype`` and ``--load_in_4bit/--no-load_in_4bit`` override that (:mod:`lit_ft.tools.loading`).
 Prompts are rendered the way the reward model was trained (``prompt_format`` in ``reward_stats.json``): the SFT
 Alpaca prompt for the embedded model, chat turns otherwise. A file holds one JSON object a line with ``prompt``
 (a string, an HH-form ``"\\n\\nHuman: ...\\n\\nAssistant:"`` string, or chat messages) or ``instruction`` (and
@@ -24,6 +24,7 @@ import torch
 
 from lit_ft.backbone import BackboneError
 from lit_ft.backbone.base_record import BaseRecord
+from lit_ft.cli import ToolParser
 from lit_ft.data.preference_formats import (
     EmptyResponse,
     PreferencePair,
@@ -125,7 +126,7 @@ def format_table(rows: list[dict], rewards: list[float], mean: float, std: float
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="lit-ft score", description="Score (prompt, response) pairs with an exported reward model.")
     parser.add_argument("--adapter", required=True, help="the reward model export (e.g. artifacts/rm)")
     parser.add_argument("--base", help="base model (default: the one recorded in reward_stats.json)")

@@ -1,11 +1,11 @@
 """``lit-ft sweep``: hyperparameter sweeps from W&B sweep files, run by W&B's agent or locally offline.
 
-    lit-ft sweep configs/sweeps/sft.yaml --offline --trials 3    # local: 3 trials, W&B offline runs, a ranking
-    lit-ft sweep configs/sweeps/sft.yaml --trials 10             # online: wandb sweep + wandb agent (needs W&B)
-    lit-ft sweep configs/sweeps/sft.yaml --dry-run --trials 4    # print the trial commands, run nothing
+    lit-ft sweep sweeps/sft.yaml --offline --trials 3    # local: 3 trials, W&B offline runs, a ranking
+    lit-ft sweep sweeps/sft.yaml --trials 10             # online: wandb sweep + wandb agent (needs W&B)
+    lit-ft sweep sweeps/sft.yaml --dry_run --trials 4    # print the trial commands, run nothing
 
 A sweep file is in W&B's own format (``method``, ``metric``, ``parameters``, ``program``, ``command``), so
-``wandb sweep configs/sweeps/sft.yaml`` then ``wandb agent <id>`` runs it too. It is checked with W&B's own sweep
+``wandb sweep sweeps/sft.yaml`` then ``wandb agent <id>`` runs it too. It is checked with W&B's own sweep
 engine (the ``sweeps`` package behind ``wandb[sweeps]``): its JSON-schema validation, its grid order, its random
 and Bayesian search. Parameters are named by their LightningCLI keys (``model.optimizer.init_args.lr``).
 
@@ -39,6 +39,7 @@ import lightning as L
 import yaml
 
 from lit_ft.callbacks.evaluation import GenerationTable
+from lit_ft.cli import ToolParser
 from lit_ft.data.sources import DataError
 from lit_ft.loggers.wandb_logger import wandb_credentials_available
 
@@ -342,16 +343,16 @@ def run_online(sweep: dict, trials: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="lit-ft sweep",
         description="Run a W&B sweep file: online with W&B's agent, or offline as local trials ranked at the end. "
                     "Other --key=value arguments are passed to every trial's `lit-ft fit`.")
-    parser.add_argument("sweep", help="a sweep file in W&B's format (e.g. configs/sweeps/sft.yaml)")
+    parser.add_argument("sweep", help="a sweep file in W&B's format (e.g. sweeps/sft.yaml)")
     parser.add_argument("--trials", type=int, default=3, help="trials to run (grid: at most the grid's size)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="pick values here; each trial a W&B offline run")
     mode.add_argument("--online", action="store_true", help="wandb sweep + wandb agent (needs W&B credentials)")
-    parser.add_argument("--dry-run", action="store_true", help="print the trial commands and run nothing")
+    parser.add_argument("--dry_run", action="store_true", help="print the trial commands and run nothing")
     parser.add_argument("--print_config", action="store_true",
                       help="print the `lit-ft fit` config of the first trial (checks the swept keys) and exit")
     parser.add_argument("--seed", type=int, default=0, help="seed of the offline random/bayes draws")

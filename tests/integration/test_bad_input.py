@@ -307,6 +307,9 @@ def test_damaged_checkpoint_or_keyword_that_names_none(trained, tmp_path, capsys
 @pytest.mark.parametrize("override, expected", [
     ("--model.init_args.backbone.lora.r=8", "lora.sft.r is 4 in the checkpoint, 8 in the config"),
     ("--model.init_args.backbone.lora.alpha=16", "lora.sft.alpha is 8 in the checkpoint, 16 in the config"),
+    ("--model.init_args.backbone.lora.use_dora=true", "lora.sft.use_dora is False in the checkpoint, True in the"),
+    ("--model.init_args.backbone.lora.use_rslora=true", "lora.sft.use_rslora is False in the checkpoint, True in"),
+    ("--model.init_args.backbone.lora.loraplus_lr_ratio=16", "lora.loraplus_lr_ratio is None in the checkpoint, 16.0"),
     ("--model.init_args.backbone.lora.target_modules=[q_proj]", "lora.sft.target_modules is "),
     ("--model.init_args.backbone.lora.adapter_name=renamed", "adapters is ['sft'] in the checkpoint, ['renamed']"),
     ("--data.init_args.max_seq_length=64", "data.max_seq_length is 128 in the checkpoint, 64 in the config"),

@@ -146,6 +146,30 @@ def test_activation_model_matches_saved_tensors_of_a_tiny_model(autocast: bool, 
     assert predicted_loss == pytest.approx(loss, rel=0.01)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_dora_activations_match_saved_tensors_of_a_tiny_model(autocast: bool) -> None:
+    """DoRA keeps two more outputs per adapted linear (the base layer's and the LoRA branch's): the estimate with
+    them within 10% of what autograd saves, and above the plain-LoRA estimate by exactly that term."""
+    import dataclasses
+
+    from lit_ft.backbone import build_model
+    from tests.tiny_models import TINY, tiny_backbone
+
+    spec = tiny_backbone(lora=True)
+    spec = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, use_dora=True))
+    torch.manual_seed(0)
+    model = build_model(spec, _Tok()).train()
+    body, _, fraction = _saved_bytes(model, autocast)
+    setup = TrainingSetup(micro_batch_size=2, seq_length=64, packing=True, dtype_bytes=4,
+                          compute_bytes=2 if autocast else 4, lora_r=4, lora_dropout=0.0, lora_dora=True,
+                          supervised_fraction=fraction, loss_chunk_size=50)
+    predicted_body, _ = _predicted(model, setup)
+    assert predicted_body == pytest.approx(body, rel=0.10)
+    plain_body, _ = _predicted(model, dataclasses.replace(setup, lora_dora=False))
+    outputs = (3 * TINY.hidden_size + 2 * 16 + 2 * TINY.intermediate_size) * TINY.num_hidden_layers  # q o down, k v
+    assert predicted_body - plain_body == 2 * setup.compute_bytes * outputs * setup.tokens
+
+
 @pytest.fixture(scope="module")
 def tiny_hub_dir(tmp_path_factory) -> str:
     """A tiny Mistral saved in Hub format, so that build_model loads it through from_pretrained + bitsandbytes."""

@@ -134,7 +134,7 @@ def test_push_to_hub_offline_fails_in_one_line_after_the_local_export(fp32_run, 
                   "--private"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("lit-ft: error: --push-to-hub me/tiny-sft: upload failed") and str(out) in err[-1]
+    assert err[-1].startswith("lit-ft: error: --push_to_hub me/tiny-sft: upload failed") and str(out) in err[-1]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
 
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
+from lit_ft.cli import STANDARD_CALLBACKS
 from lit_ft.data.sources import DataError
 from lit_ft.tools.sweep import OfflineSweep, TrialMetrics, agent_command, fit_arguments, load_sweep, main
 from tests.tiny_models import ROOT
 
-SWEEP_FILES = sorted(p for p in (ROOT / "configs" / "sweeps").glob("*.yaml") if "method" in yaml.safe_load(p.read_text()))
+SWEEP_FILES = sorted(p for p in (ROOT / "sweeps").glob("*.yaml") if "method" in yaml.safe_load(p.read_text()))
 
 
 def _agent_run(monkeypatch, tmp_path, sweep: dict, values: dict) -> list[str]:
@@ -56,17 +57,17 @@ def test_wandb_schema_rejects_a_broken_sweep_file(tmp_path) -> None:
 
 
 def test_expansion_is_exactly_what_the_wandb_agent_runs(monkeypatch, tmp_path) -> None:
-    sweep = load_sweep(ROOT / "configs" / "sweeps" / "sft.yaml")
+    sweep = load_sweep(ROOT / "sweeps" / "sft.yaml")
     values = {"model.backbone.lora.alpha": 64, "model.backbone.lora.r": 8, "model.neftune_alpha": 5.0,
               "model.optimizer.init_args.lr": 0.0012, "model.scheduler.init_args.warmup_steps": 20}
     ours = agent_command(sweep, values)
     assert ours == _agent_run(monkeypatch, tmp_path, sweep, values)
     assert ours == [
-        "/usr/bin/env", "lit-ft", "fit", "--config", "configs/sft.yaml", "--config", "configs/sweeps/sft_trial.yaml",
+        "/usr/bin/env", "lit-ft", "fit", "--config", "configs/sft.yaml", "--config", "sweeps/sft_trial.yaml",
         "--model.backbone.lora.alpha=64", "--model.backbone.lora.r=8", "--model.neftune_alpha=5.0",
         "--model.optimizer.init_args.lr=0.0012", "--model.scheduler.init_args.warmup_steps=20",
     ]
-    grid = load_sweep(ROOT / "configs" / "sweeps" / "sft_grid.yaml")
+    grid = load_sweep(ROOT / "sweeps" / "sft_grid.yaml")
     values = {"model.backbone.lora.r": 16, "model.optimizer.init_args.lr": 0.004}
     assert agent_command(grid, values) == _agent_run(monkeypatch, tmp_path, grid, values)
     assert agent_command(grid, values)[:4] == ["/usr/bin/env", "python", "-m", "lit_ft"]
@@ -84,7 +85,7 @@ def test_other_agent_macros_expand_like_the_agent(monkeypatch, tmp_path) -> None
 
 
 def test_grid_dry_run_lists_trials_in_wandb_grid_order_then_stops(capsys) -> None:
-    main([str(ROOT / "configs" / "sweeps" / "sft_grid.yaml"), "--dry-run", "--trials", "10"])
+    main([str(ROOT / "sweeps" / "sft_grid.yaml"), "--dry-run", "--trials", "10"])
     lines = capsys.readouterr().out.strip().splitlines()
     picked = [(line.split("lora.r=")[1].split()[0], line.split("lr=")[1].split()[0]) for line in lines]
     assert picked == [("8", "0.001"), ("8", "0.002"), ("8", "0.004"), ("16", "0.001"), ("16", "0.002"), ("16", "0.004")]
@@ -95,7 +96,7 @@ def test_sampled_values_reach_lightning_cli_from_the_command_line_alone(monkeypa
     values that only rank 0 reads from wandb.config). The trial config is also checked: no checkpoint over runs/sft,
     no adapter over artifacts/sft, the metrics callback in."""
     monkeypatch.chdir(ROOT)
-    sweep = load_sweep(ROOT / "configs" / "sweeps" / "sft.yaml")
+    sweep = load_sweep(ROOT / "sweeps" / "sft.yaml")
     values = {"model.backbone.lora.alpha": 16, "model.backbone.lora.r": 32, "model.neftune_alpha": 5.0,
               "model.optimizer.init_args.lr": 0.00123, "model.scheduler.init_args.warmup_steps": 5}
     command = agent_command(sweep, values)
@@ -110,12 +111,13 @@ def test_sampled_values_reach_lightning_cli_from_the_command_line_alone(monkeypa
     assert (init["backbone"]["lora"]["r"], init["backbone"]["lora"]["alpha"]) == (32, 16)
     assert init["scheduler"]["init_args"]["warmup_steps"] == 5 and init["export_dir"] is None
     callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
-    assert callbacks == ["lit_ft.callbacks.evaluation.GenerationTable", "lit_ft.tools.sweep.TrialMetrics"]
+    callbacks += [config[key]["class_path"] for key in STANDARD_CALLBACKS if config[key] is not None]
+    assert callbacks == ["lit_ft.tools.sweep.TrialMetrics", "lit_ft.callbacks.evaluation.GenerationTable"]
 
 
 def test_overrides_may_not_fix_a_swept_key() -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([str(ROOT / "configs" / "sweeps" / "sft.yaml"), "--dry-run", "--model.optimizer.init_args.lr=0.1"])
+        main([str(ROOT / "sweeps" / "sft.yaml"), "--dry-run", "--model.optimizer.init_args.lr=0.1"])
     assert exit_info.value.code == 2
 
 
@@ -200,8 +202,8 @@ def test_offline_sweep_of_real_lit_ft_trials(tmp_path, monkeypatch, capsys) -> N
     tokenizer = load_tokenizer(None)
     torch.manual_seed(0)
     base = save_full_model(build_model(Backbone(tiny=TINY, lora=None), tokenizer), tmp_path / "base", tokenizer)
-    sweep = yaml.safe_load((ROOT / "configs" / "sweeps" / "sft.yaml").read_text())
-    sweep["command"] = [c.replace("configs/", f"{ROOT}/configs/") for c in sweep["command"]]
+    sweep = yaml.safe_load((ROOT / "sweeps" / "sft.yaml").read_text())
+    sweep["command"] = [f"{ROOT}/{c}" if c.startswith(("configs/", "sweeps/")) else c for c in sweep["command"]]
     sweep["parameters"] = {"model.optimizer.init_args.lr": {"values": [1e-3, 1e-2]}}
     sweep["method"] = "grid"
     path = tmp_path / "sweep.yaml"
