@@ -8,11 +8,13 @@ one to a row (:mod:`lit_ft.data.packing`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_ft.data.formats import FORMATS, IGNORE_INDEX, resolve_format, tokenize_record
+from lit_ft.data.mixing import MixSource, Stopping
 from lit_ft.data.packing import (
     ExampleStore,
     PackedCollator,
@@ -30,6 +32,17 @@ from lit_ft.data.sources import DataError, Location
 log = logging.getLogger("lit_ft")
 
 OVERLONG_CHOICES = ("truncate", "drop", "error")  # error: fail on the first overlong example, naming it
+
+
+@dataclass
+class Tokenized:
+    """Examples of some records, within ``max_seq_length``, and what became of the others."""
+
+    examples: list[dict]
+    truncated: int = 0  # cut to max_seq_length and kept
+    dropped: int = 0  # overlong (overlong=drop), or nothing left to learn after truncation
+    empty: int = 0  # skipped for an empty response
+    first_empty: DataError | None = None  # the first of those, to name in the log
 
 
 class InstructionDataModule(RecordsDataModule):
@@ -58,6 +71,10 @@ class InstructionDataModule(RecordsDataModule):
         val_split: Split of ``val_source`` to use (default: ``split``).
         skip_empty_responses: Skip records whose response is empty, counting them (real Alpaca has 2 in
             5000); False fails on the first one, naming its file, line and field.
+        sources: Several sources mixed by weight instead of ``source`` (:class:`lit_ft.data.mixing.MixSource`:
+            source, weight, format, split, streaming...); see docs/data_mixing.md.
+        mix_stopping: When the mix of ``sources`` ends: first_exhausted (the first source runs out) or
+            all_exhausted (every source was seen whole; the smaller ones repeat).
     """
 
     shape = "instruction"
@@ -80,11 +97,13 @@ class InstructionDataModule(RecordsDataModule):
         subset: str | None = None,
         val_split: str | None = None,
         skip_empty_responses: bool = True,
+        sources: list[MixSource] | None = None,
+        mix_stopping: Stopping = "first_exhausted",
     ):
         super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
                          val_split_fraction=val_split_fraction, subset=subset, max_examples=max_examples,
                          chat_template=chat_template, micro_batch_size=micro_batch_size, num_workers=num_workers,
-                         seed=seed)
+                         seed=seed, sources=sources, mix_stopping=mix_stopping)
         if format != "auto" and format not in FORMATS:
             raise DataError(f"unknown format '{format}' (expected auto, {', '.join(FORMATS)})")
         if overlong not in OVERLONG_CHOICES:
@@ -101,6 +120,22 @@ class InstructionDataModule(RecordsDataModule):
         fmt = self.format
         if fmt == "auto" and records:  # an empty split tokenizes nothing, so "auto" can stay unresolved
             fmt = resolve_format("auto", records[0], locations[0])
+        tokenized = self.tokenize(name, records, locations, fmt)
+        if tokenized.empty:
+            log.warning("%s: skipped %d records with an empty response, first: %s", name, tokenized.empty,
+                        tokenized.first_empty)
+            if rank_zero_only.rank == 0:
+                print(f"[data] {name}: skipped {tokenized.empty} records with an empty response "
+                      f"(first: {tokenized.first_empty})")
+        if name == "train" and not tokenized.examples:
+            raise DataError(f"no usable training examples ({tokenized.dropped} of {len(records)} dropped with "
+                            f"overlong={self.overlong}, max_seq_length={self.max_seq_length})", self.source_label)
+        return self.layout(name, tokenized, fmt)
+
+    def tokenize(self, name: str, records: list[dict], locations: list[Location], fmt: str) -> Tokenized:
+        """Records of one format -> examples within ``max_seq_length`` (the overlong policy applied), counting
+        the records skipped for an empty response and the examples truncated or dropped. Also what a data mix
+        (:mod:`lit_ft.data.mixing`) asks of each source, and a stream of each record."""
         examples, examples_at, empty = [], [], []
         for record, location in progress(records, locations, name):
             try:
@@ -110,27 +145,25 @@ class InstructionDataModule(RecordsDataModule):
                 if not (self.skip_empty_responses and err.problem == "empty response"):
                     raise
                 empty.append(err)
-        if empty:
-            log.warning("%s: skipped %d records with an empty response, first: %s", name, len(empty), empty[0])
-            if rank_zero_only.rank == 0:
-                print(f"[data] {name}: skipped {len(empty)} records with an empty response (first: {empty[0]})")
         overlong = self.overlong
         if overlong == "error":
             _fail_on_overlong(examples, examples_at, self.max_seq_length)
             overlong = "drop"  # nothing is left to drop
         kept = handle_overlong(examples, self.max_seq_length, overlong)
-        if name == "train" and not kept.examples:
-            raise DataError(f"no usable training examples ({kept.dropped} of {len(records)} dropped with "
-                            f"overlong={self.overlong}, max_seq_length={self.max_seq_length})", self.source_label)
-        store = ExampleStore(kept.examples)
+        return Tokenized(kept.examples, kept.truncated, kept.dropped, len(empty), empty[0] if empty else None)
+
+    def layout(self, name: str, tokenized: Tokenized, fmt: str | None) -> BuiltSplit:
+        """Tokenized examples -> packed rows (or one padded example a row) and their stats."""
+        store = ExampleStore(tokenized.examples)
         if self.packing:
             rows = pack(store.lengths.tolist(), self.max_seq_length)
-            stats = packed_stats(name, store, rows, self.max_seq_length, kept.truncated, kept.dropped)
+            stats = packed_stats(name, store, rows, self.max_seq_length, tokenized.truncated, tokenized.dropped)
             dataset: Any = PackedDataset(store, rows)
         else:
-            stats = padded_stats(name, store, self.micro_batch_size, PAD_TO_MULTIPLE_OF, kept.truncated, kept.dropped)
+            stats = padded_stats(name, store, self.micro_batch_size, PAD_TO_MULTIPLE_OF, tokenized.truncated,
+                                 tokenized.dropped)
             dataset = PaddedDataset(store)
-        stats.empty = len(empty)
+        stats.empty = tokenized.empty
         return BuiltSplit(dataset, stats, fmt)
 
     def collator(self) -> PackedCollator | PaddedCollator:
@@ -157,6 +190,8 @@ class PretrainDataModule(InstructionDataModule):
         max_examples: Use only the first this many records of ``source``.
         subset: Configuration name of a hub dataset.
         val_split: Split of ``val_source`` to use (default: ``split``).
+        sources: Several text sources mixed by weight instead of ``source`` (see InstructionDataModule).
+        mix_stopping: When the mix of ``sources`` ends (see InstructionDataModule).
     """
 
     shape = "text"
@@ -176,12 +211,14 @@ class PretrainDataModule(InstructionDataModule):
         max_examples: int | None = None,
         subset: str | None = None,
         val_split: str | None = None,
+        sources: list[MixSource] | None = None,
+        mix_stopping: Stopping = "first_exhausted",
     ):
         super().__init__(source=source, format="text", split=split, val_source=val_source,
                          val_split_fraction=val_split_fraction, max_seq_length=max_seq_length, packing=packing,
                          overlong=overlong, micro_batch_size=micro_batch_size, num_workers=num_workers,
                          seed=seed, max_examples=max_examples, chat_template=None, subset=subset,
-                         val_split=val_split)
+                         val_split=val_split, sources=sources, mix_stopping=mix_stopping)
 
 
 def _fail_on_overlong(examples: list[dict], locations: list[Location], max_seq_length: int) -> None:

@@ -17,9 +17,9 @@ after building the model and the data module, as LitGPT's ``DataModule.connect``
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -29,8 +29,26 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lit_ft.data.formats import FORMATS, resolve_format
 from lit_ft.data.heldout import HeldOutItem, heldout_items
-from lit_ft.data.sources import DataError, Location, load_records_with_locations
+from lit_ft.data.mixing import (
+    MixSource,
+    SourceStats,
+    Stopping,
+    check_sources,
+    interleave,
+    mix_report,
+    probabilities,
+)
+from lit_ft.data.sources import DataError, Location, SourceSplits, load_records_with_locations, read_splits
+from lit_ft.data.streaming import (
+    POSITION_KEY,
+    LoadedReader,
+    StreamedMix,
+    StreamedReader,
+    StreamingDataLoader,
+    stream_records,
+)
 
 log = logging.getLogger("lit_ft")
 
@@ -192,6 +210,10 @@ class RecordsDataModule(L.LightningDataModule):
         micro_batch_size: Rows (or pairs, or prompts) per batch on each device.
         num_workers: DataLoader worker processes (0 loads in the main process).
         seed: Seed of the validation split and the per-epoch shuffle.
+        sources: Several sources mixed by weight instead of ``source`` (:class:`lit_ft.data.mixing.MixSource`),
+            for the modules that tokenize per source (``tokenize``/``layout``: the instruction and pre-training
+            modules).
+        mix_stopping: When the mix of ``sources`` ends: the first source runs out, or all have been seen.
     """
 
     shape: ClassVar[RecordShape]  # what a record source is asked for; each subclass names its own
@@ -210,12 +232,26 @@ class RecordsDataModule(L.LightningDataModule):
         micro_batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 42,
+        sources: list[MixSource] | None = None,
+        mix_stopping: Stopping = "first_exhausted",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["source"])
+        self.save_hyperparameters(ignore=["source", "sources"])
         self.hparams["source"] = describe_source(source)  # plain data: checkpoints load with weights_only=True
         if source is not None and not isinstance(source, (str, RecordSource)):
             raise DataError(f"source must be a file, a hub dataset id or a record source, got {type(source).__name__}")
+        self.sources: list[MixSource] | None = None
+        if sources is not None:
+            if source is not None:
+                raise DataError("set data.source or data.sources, not both")
+            if not callable(getattr(self, "tokenize", None)):
+                raise DataError(f"{type(self).__name__} does not mix data.sources; set data.source")
+            self.sources = check_sources(sources, FORMATS)
+            self.hparams["sources"] = [entry.describe() for entry in self.sources]
+        if mix_stopping not in ("first_exhausted", "all_exhausted"):
+            raise DataError(f"mix_stopping must be first_exhausted or all_exhausted, got '{mix_stopping}'")
+        self.mix_stopping = mix_stopping
+        self.mix_stats: list[SourceStats] = []  # per source, set at setup (a stream's grow as training reads it)
         if not 0.0 <= val_split_fraction < 1.0:
             raise DataError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}")
         if micro_batch_size < 1:
@@ -286,8 +322,15 @@ class RecordsDataModule(L.LightningDataModule):
 
     @property
     def source_label(self) -> str:
-        """How errors name the training records: the file or hub id, or the embedded placeholder."""
+        """How errors name the training records: the file or hub id, the embedded placeholder, or the mix."""
+        if self.sources:
+            return "data.sources (" + ", ".join(entry.label for entry in self.sources) + ")"
         return self.source if isinstance(self.source, str) else EMBEDDED_LABEL
+
+    @property
+    def streaming(self) -> bool:
+        """True when a source of the mix is read while training (then the whole mix is a stream)."""
+        return any(entry.streaming and isinstance(entry.source, str) for entry in self.sources or [])
 
     def pad_token_id(self) -> int:
         """The tokenizer's pad id, else its unk id (Mistral has no pad token); neither is a one-line error."""
@@ -318,6 +361,9 @@ class RecordsDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         self._connected_tokenizer()
+        if self.sources:
+            self._setup_mix()
+            return
         train, train_loc, val, val_loc = self.load_splits()
         built = self.build("train", train, train_loc)
         self.train_dataset, self.stats_train, self.train_format = built.dataset, built.stats, built.format
@@ -334,33 +380,141 @@ class RecordsDataModule(L.LightningDataModule):
         if self.source is None:
             raise DataError("no data source given: set data.source to a file or hub dataset id, or to "
                             "{class_path: lit_ft.data.embedded.EmbeddedWorld} for the embedded world")
-        if isinstance(self.source, RecordSource):
-            splits = self.source.splits(self.shape)
-            train = splits.train[: self.max_examples] if self.max_examples is not None else splits.train
-            train_loc = [Location("<embedded train>", row=i) for i in range(len(train))]
-            val_loc = [Location("<embedded val>", row=i) for i in range(len(splits.val))]
-            heldout = splits.val if splits.heldout is None else splits.heldout
-            self._set_heldout(heldout, [Location("<embedded held-out>", row=i) for i in range(len(heldout))],
-                              splits.checkable)
-            return train, train_loc, splits.val, val_loc
-        records, locations = load_records_with_locations(self.source, self.split, self.subset)
-        if self.max_examples is not None:
-            records, locations = records[: self.max_examples], locations[: self.max_examples]
-        if not records:
-            raise DataError("no records", self.source)
-        if self.val_source is not None:
+        if self.val_source is not None and not isinstance(self.source, RecordSource):
+            records, locations = load_records_with_locations(self.source, self.split, self.subset)
+            if self.max_examples is not None:
+                records, locations = records[: self.max_examples], locations[: self.max_examples]
+            if not records:
+                raise DataError("no records", self.source)
             val, val_loc = load_records_with_locations(self.val_source, self.val_split or self.split, self.subset)
             self._set_heldout(val, val_loc, checkable=False)
             return records, locations, val, val_loc
-        n_val = round(len(records) * self.val_split_fraction)
-        if self.val_split_fraction > 0 and len(records) > 1:
-            n_val = min(max(n_val, 1), len(records) - 1)  # at least one on each side
-        held_out = set(random.Random(self.seed).sample(range(len(records)), n_val))
-        train = [i for i in range(len(records)) if i not in held_out]
-        val = sorted(held_out)
-        self._set_heldout([records[i] for i in val], [locations[i] for i in val], checkable=False)
-        return ([records[i] for i in train], [locations[i] for i in train],
-                [records[i] for i in val], [locations[i] for i in val])
+        splits = read_splits(self.source, self.shape, self.split, self.subset, self.max_examples,
+                             self.val_split_fraction, self.seed)
+        self._set_heldout(splits.heldout, splits.heldout_at, splits.checkable)
+        return splits.train, splits.train_at, splits.val, splits.val_at
+
+    # ---------------------------------------------------------------------------------------------- the mix
+    def _setup_mix(self) -> None:
+        """Read every source of ``data.sources``, tokenize each in its own format, count what each gives, and mix
+        the training examples by weight (:func:`lit_ft.data.mixing.interleave`); or, when a source streams, set up
+        the stream (:class:`lit_ft.data.streaming.StreamedMix`). Validation examples of all sources are kept
+        together, unweighted."""
+        from lit_ft.data.instruction import Tokenized  # deferred: instruction imports this module
+
+        weights = probabilities([entry.weight for entry in self.sources])
+        streaming = self.streaming
+        stats, examples, formats, readers = [], [], [], []
+        val = Tokenized([])
+        heldout: list[tuple[list[dict], list[Location], bool]] = []
+        for i, entry in enumerate(self.sources):
+            where = f"data.sources[{i}] ({entry.label})"
+            stat = SourceStats(entry.label, float(weights[i]), streaming=entry.streaming and streaming)
+            stats.append(stat)
+            try:
+                if entry.streaming and isinstance(entry.source, str):
+                    want = entry.val_records + 1  # the held-out head and the first training record
+                    if entry.max_examples is not None:
+                        want = min(want, entry.max_examples)
+                    head = list(itertools.islice(stream_records(entry.source, entry.split, entry.subset), want))
+                    if len(head) <= entry.val_records:
+                        raise DataError(f"no training records after the {entry.val_records} held out for validation")
+                    fmt = self._source_format(entry, *head[-1])
+                    readers.append(StreamedReader(entry.source, entry.split, entry.subset, entry.val_records,
+                                                  entry.max_examples))
+                    val_records, val_at = [r for r, _ in head[:-1]], [loc for _, loc in head[:-1]]
+                    splits = SourceSplits([], [], val_records, val_at, val_records, val_at)
+                else:
+                    splits = read_splits(entry.source, self.shape, entry.split, entry.subset, entry.max_examples,
+                                         self.val_split_fraction, self.seed)
+                    if not splits.train:
+                        raise DataError("no training records")
+                    fmt = self._source_format(entry, splits.train[0], splits.train_at[0])
+                    if streaming:
+                        readers.append(LoadedReader(splits.train, splits.train_at, self.seed, i))
+                formats.append(fmt)
+                stat.format = fmt
+                if not streaming:
+                    part = self.tokenize(f"train {entry.label}", splits.train, splits.train_at, fmt)
+                    stat.records, stat.examples, stat.truncated = len(splits.train), len(part.examples), part.truncated
+                    stat.tokens = sum(len(e["input_ids"]) for e in part.examples)
+                    stat.dropped.update({"empty response": part.empty, "overlong": part.dropped})
+                    stat.dropped = +stat.dropped  # keep the reasons that happened
+                    if entry.weight > 0 and not part.examples:
+                        raise DataError(f"no usable training examples ({stat.line(0, 0)})")
+                    examples.append(part.examples)
+                part = self.tokenize(f"val {entry.label}", splits.val, splits.val_at, fmt)
+            except DataError as err:
+                if err.location is not None:  # a record's own location says which source it is
+                    raise
+                raise DataError(f"{where}: {err.problem}") from err
+            val.examples += part.examples
+            val.truncated, val.dropped, val.empty = (val.truncated + part.truncated, val.dropped + part.dropped,
+                                                     val.empty + part.empty)
+            if entry.weight > 0:
+                heldout.append((splits.heldout, splits.heldout_at, splits.checkable))
+        # Exact match means something only on checkable references: when some sources have them, the held-out
+        # evaluation asks those sources alone; otherwise every source's held-out records.
+        if any(checkable for *_, checkable in heldout):
+            heldout = [part for part in heldout if part[2]]
+        self._set_heldout([r for part in heldout for r in part[0]], [loc for part in heldout for loc in part[1]],
+                          bool(heldout) and all(part[2] for part in heldout))
+        main = max(range(len(formats)), key=lambda i: weights[i])
+        self.train_format = self.val_format = formats[main]  # what the adapter is recorded as trained on
+        if len(set(formats)) > 1:
+            log.warning("data.sources mix formats %s; the run records %s (its heaviest source's)",
+                        sorted(set(formats)), formats[main])
+        if streaming:
+            self.train_dataset = StreamedMix(readers, formats, stats, self.seed, self._tokenize_one, self.collator(),
+                                             self.max_seq_length, getattr(self, "packing", True),
+                                             self.micro_batch_size, self.mix_stopping)
+            self.stats_train = None
+            heading = (f"[data] streamed mix of {len(stats)} sources (seed {self.seed}, {self.mix_stopping}); "
+                       "counts grow as training reads, and are printed at the end of fit")
+        else:
+            order = interleave([len(e) for e in examples], list(weights), self.seed, self.mix_stopping)
+            mixed = Tokenized([examples[source][item] for source, item in order])
+            for source, item in order:
+                stats[source].mixed_examples += 1
+                stats[source].mixed_tokens += len(examples[source][item]["input_ids"])
+            mixed.truncated = sum(s.truncated for s in stats)
+            mixed.dropped = sum(s.dropped["overlong"] for s in stats)
+            mixed.empty = sum(s.dropped["empty response"] for s in stats)
+            built = self.layout("train", mixed, self.train_format)
+            self.train_dataset, self.stats_train = built.dataset, built.stats
+            heading = f"[data] mix of {len(stats)} sources (seed {self.seed}, {self.mix_stopping})"
+        self.mix_stats = stats
+        built = self.layout("val", val, self.val_format)
+        self.val_dataset, self.stats_val = built.dataset, built.stats
+        split_lines = [f"[data] {s}" for s in (self.stats_train, self.stats_val) if s is not None]
+        self._print(mix_report(stats, heading, planned=streaming) + split_lines)
+
+    def _source_format(self, entry: MixSource, record: dict, location: Location) -> str:
+        """A source's format: its own, else the module's when fixed (pre-training's text), else detected."""
+        fmt = entry.format if entry.format != "auto" else self.format
+        return resolve_format("auto", record, location) if fmt == "auto" else fmt
+
+    def _tokenize_one(self, record: dict, location: Location, fmt: str) -> tuple[dict | None, str | None, bool]:
+        """One streamed record -> its example, or None and why it was dropped; and whether it was truncated."""
+        part = self.tokenize("stream", [record], [location], fmt)
+        if part.examples:
+            return part.examples[0], None, bool(part.truncated)
+        return None, "empty response" if part.empty else "overlong", False
+
+    @staticmethod
+    def _print(lines: list[str]) -> None:
+        for line in lines:
+            log.info("%s", line)
+            if rank_zero_only.rank == 0:
+                print(line)
+
+    def teardown(self, stage: str) -> None:
+        """After fitting a stream, print what each source gave the training it consumed."""
+        if stage == "fit" and isinstance(self.train_dataset, StreamedMix):
+            stats = self.train_dataset.source_stats()
+            self.mix_stats = stats
+            self._print(mix_report(stats, f"[data] streamed mix, as consumed by training "
+                                          f"({self.train_dataset.consumed['draws']:,} draws)"))
 
     def _set_heldout(self, records: list[dict], locations: list[Location], checkable: bool) -> None:
         self._heldout_records, self._heldout_locations, self._checkable = list(records), list(locations), checkable
@@ -390,6 +544,11 @@ class RecordsDataModule(L.LightningDataModule):
             self.setup("fit")
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if isinstance(self.train_dataset, StreamedMix):  # whole batches, made in this process (its position)
+            self.train_dataset.replicas, self.train_dataset.rank = replicas, rank
+            self.train_dataset.micro_batch_size = self.micro_batch_size
+            self._train_sampler = None
+            return StreamingDataLoader(self.train_dataset, batch_size=None, num_workers=0)
         self._train_sampler = SeededShuffleSampler(len(self.train_dataset), self.seed, self.micro_batch_size,
                                                    num_replicas=replicas, rank=rank)
         return ResumableDataLoader(self.train_dataset, batch_size=self.micro_batch_size, sampler=self._train_sampler,
@@ -397,7 +556,11 @@ class RecordsDataModule(L.LightningDataModule):
                                    persistent_workers=self.num_workers > 0)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training batches the loop consumed (prefetched ones are not counted until used)."""
+        """Count the training batches the loop consumed (prefetched ones are not counted until used); a streamed
+        batch's position is taken out of it and becomes the stream's consumed position."""
+        position = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+        if position is not None and self.trainer is not None and self.trainer.training:
+            self.train_dataset.consumed = position
         sampler = getattr(self, "_train_sampler", None)
         if sampler is not None and self.trainer is not None and self.trainer.training:
             sampler.consumed_batches += 1
@@ -416,6 +579,9 @@ class RecordsDataModule(L.LightningDataModule):
         """Enough to check on resume that the data pipeline is the same one: the seed, the format, the lengths
         and the layout of the rows."""
         state = {"seed": self.seed, "format": self.train_format}
+        if self.sources:
+            state["sources"] = [entry.describe() for entry in self.sources]
+            state["mix_stopping"] = self.mix_stopping
         for name in ("max_seq_length", "max_prompt_length", "packing"):
             value = getattr(self, name, None)
             if value is not None:

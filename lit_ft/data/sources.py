@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,48 @@ def load_records_with_locations(
     if looks_like_path(source):
         raise DataError("file not found", source)
     return _load_with_datasets(source, source, split, subset)
+
+
+@dataclass
+class SourceSplits:
+    """One source's records, split: training, validation, and what the held-out evaluation renders."""
+
+    train: list[dict]
+    train_at: list[Location]
+    val: list[dict]
+    val_at: list[Location]
+    heldout: list[dict]
+    heldout_at: list[Location]
+    checkable: bool = False
+
+
+def read_splits(source: Any, shape: str, split: str, subset: str | None,
+                max_examples: int | None, val_fraction: float, seed: int) -> SourceSplits:
+    """A record source's own splits (``source.splits(shape)``, :class:`lit_ft.data.records.RecordSource`), or a
+    file's / hub split's records with a seeded ``val_fraction`` held out (at least one record on each side when both
+    can have one)."""
+    if not isinstance(source, str):
+        splits = source.splits(shape)
+        train = splits.train[:max_examples] if max_examples is not None else splits.train
+        heldout = splits.val if splits.heldout is None else splits.heldout
+        return SourceSplits(train, [Location("<embedded train>", row=i) for i in range(len(train))],
+                            splits.val, [Location("<embedded val>", row=i) for i in range(len(splits.val))],
+                            heldout, [Location("<embedded held-out>", row=i) for i in range(len(heldout))],
+                            splits.checkable)
+    records, locations = load_records_with_locations(source, split, subset)
+    if max_examples is not None:
+        records, locations = records[:max_examples], locations[:max_examples]
+    if not records:
+        raise DataError("no records", source)
+    n_val = round(len(records) * val_fraction)
+    if val_fraction > 0 and len(records) > 1:
+        n_val = min(max(n_val, 1), len(records) - 1)  # at least one on each side
+    held_out = set(random.Random(seed).sample(range(len(records)), n_val))
+    train = [i for i in range(len(records)) if i not in held_out]
+    val = sorted(held_out)
+    val_records, val_at = [records[i] for i in val], [locations[i] for i in val]
+    return SourceSplits([records[i] for i in train], [locations[i] for i in train], val_records, val_at,
+                        val_records, val_at)
 
 
 def _read_text(path: Path, source: str) -> str:
