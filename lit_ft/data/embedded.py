@@ -10,18 +10,25 @@ from __future__ import annotations
 from typing import Any
 
 from lit_ft.data.datamodule import InstructionDataModule, PretrainDataModule
+from lit_ft.data.gold import check_style_weights, styled_instruction_records
+from lit_ft.data.sources import DataError
 from lit_ft.data.synthetic import corpus_records, generate_facts, instruction_records, split_facts
 
 
 class EmbeddedTasks(InstructionDataModule):
     """Instruction tasks with exactly checkable answers (add, successor, reverse, sort, max, count).
 
-    The held-out split is both the validation set and the exact-match set of the generation callback.
+    The held-out split is both the validation set and the exact-match set of the generation callback. Answers
+    come in the styles of :mod:`lit_ft.data.gold`, drawn per fact with ``answer_styles``; exact match reads the
+    answer from any style.
 
     Args:
         num_train: SFT training examples (2000: enough for every task family to be seen ~300 times).
         num_heldout: held-out examples scored by exact match (200: +-3.5 points of sampling error at 50%).
         world_seed: seed of the generated world; must match the pre-training corpus the base learned.
+        answer_styles: weight of each answer style (``sentence``, ``bare``, ``label``) in the demonstrations, None
+            for :data:`lit_ft.data.gold.DEFAULT_STYLE_WEIGHTS` (the preferred ``sentence`` a 25% minority, so
+            that RLHF has a preference to teach); ``{bare: 1.0}`` gives the plain answers of the original world.
         source: a real data file or hub id instead of the embedded tasks (then nothing is exactly checkable).
         format: record format of ``source`` (auto-detected by default).
         max_seq_length: packed row length (512: the reference recipe's; embedded examples are ~45 tokens).
@@ -38,6 +45,7 @@ class EmbeddedTasks(InstructionDataModule):
         num_train: int = 2000,
         num_heldout: int = 200,
         world_seed: int = 1234,
+        answer_styles: dict[str, float] | None = None,
         source: str | None = None,
         format: str = "auto",
         max_seq_length: int = 512,
@@ -56,14 +64,20 @@ class EmbeddedTasks(InstructionDataModule):
         self.num_train = num_train
         self.num_heldout = num_heldout
         self.world_seed = world_seed
+        try:
+            self.answer_styles = None if answer_styles is None else check_style_weights(answer_styles)
+        except ValueError as err:
+            raise DataError(f"data.answer_styles: {err}") from None
 
     @property
     def checkable_answers(self) -> bool:
         return self.source is None
 
     def embedded_records(self) -> tuple[list[dict], list[dict]]:
+        """Styled demonstrations of the SFT facts; the held-out facts styled with the same mix (validation loss)."""
         train, heldout = split_facts(self.world_seed, self.num_train, self.num_heldout)
-        return instruction_records(train), instruction_records(heldout)
+        return (styled_instruction_records(train, self.world_seed + 5, self.answer_styles),
+                styled_instruction_records(heldout, self.world_seed + 6, self.answer_styles))
 
 
 class EmbeddedCorpus(PretrainDataModule):

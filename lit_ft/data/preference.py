@@ -2,7 +2,7 @@
 
 Records become token pairs in :mod:`lit_ft.data.preference_formats` (formats, HH transcripts, truncation); this
 module stores them, batches B pairs as 2B rows (chosen rows first, then rejected rows) and builds the embedded
-pairs from the SFT tasks of :mod:`lit_ft.data.synthetic`.
+pairs from the SFT tasks of :mod:`lit_ft.data.synthetic`, labelled by the gold judge of :mod:`lit_ft.data.gold`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from lit_ft.data.datamodule import InstructionDataModule, _progress
 from lit_ft.data.formats import IGNORE_INDEX
+from lit_ft.data.gold import PAIR_KINDS, gold_pair_records, near_miss
 from lit_ft.data.packing import ExampleStore
 from lit_ft.data.preference_formats import (
     PREFERENCE_FORMATS,
@@ -188,28 +189,10 @@ class PreferenceCollator:
 
 
 # --------------------------------------------------------------------------------------------- embedded pairs
-def near_miss(fact: Fact, rng: random.Random) -> str:
-    """A plausible wrong answer: off by one for numbers; for sequences, two unequal neighbours swapped (the nearest
-    miss), or one item changed by one step when all items are equal.
-    """
-    if fact.task in ("reverse", "sort"):
-        items = fact.answer.split(" ")
-        adjacent = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
-        if adjacent:
-            i = rng.choice(adjacent)
-            items[i], items[i + 1] = items[i + 1], items[i]
-        else:  # every item equal: change one by one step
-            i = rng.randrange(len(items))
-            items[i] = chr((ord(items[i]) - 97 + 1) % 26 + 97) if items[i].isalpha() else str((int(items[i]) + 1) % 10)
-        return " ".join(items)
-    n = int(fact.answer)
-    return str(rng.choice([m for m in (n - 1, n + 1) if m >= 0]))
-
-
 def preference_records(facts: Sequence[Fact], seed: int, rejected_per_fact: int = 1) -> list[dict]:
-    """Alpaca-format pairs (``instruction``, ``input``, ``chosen``, ``rejected``, ``task``) from embedded facts.
-
-    With ``rejected_per_fact`` > 1, each fact gives several pairs with distinct wrong answers (as many as exist).
+    """Bare-answer near-miss pairs (``instruction``, ``input``, ``chosen``, ``rejected``, ``task``): the right
+    answer over a plausible wrong one; with ``rejected_per_fact`` > 1, several distinct wrong answers per fact.
+    (The embedded reward model trains on :func:`lit_ft.data.gold.gold_pair_records` instead.)
     """
     rng = random.Random(seed)
     records = []
@@ -250,9 +233,12 @@ class PreferenceDataModule(InstructionDataModule):
         chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces ``[INST] ... [/INST]``.
         subset: configuration name of a hub dataset.
         num_train: embedded SFT-train facts (2000: must match the SFT stage's ``EmbeddedTasks``).
-        num_heldout: embedded held-out facts, one pair each (200: must match ``EmbeddedTasks``).
+        num_heldout: embedded held-out facts, one pair of each kind each (200: must match ``EmbeddedTasks``).
         world_seed: seed of the embedded world (1234: must match the SFT stage and the pre-trained base).
-        rejected_per_fact: embedded training pairs per fact, each with a different wrong answer (held-out: 1).
+        pair_kinds: the gold-labelled comparisons made for every embedded fact, training and held-out alike
+            (:data:`lit_ft.data.gold.PAIR_KINDS`): ``style`` (preferred-style correct answer over another style),
+            ``correctness`` (a correct answer over a near miss, one style) and ``cross`` (a correct answer in
+            another style over a near miss in the preferred style: correctness outweighs the style).
         extra_facts: fresh embedded facts added to the training pairs (never a held-out question), so that the
             reward model learns to check answers rather than to remember the SFT facts.
         tokenizer: tokenizer to use; None takes the LightningModule's.
@@ -279,7 +265,7 @@ class PreferenceDataModule(InstructionDataModule):
         num_train: int = 2000,
         num_heldout: int = 200,
         world_seed: int = 1234,
-        rejected_per_fact: int = 1,
+        pair_kinds: list[str] | None = None,
         extra_facts: int = 0,
         tokenizer: Any = None,
     ):
@@ -292,14 +278,15 @@ class PreferenceDataModule(InstructionDataModule):
             raise DataError(f"unknown preference format '{format}' (expected auto, {', '.join(PREFERENCE_FORMATS)})")
         if padding_side not in PADDING_SIDES:
             raise DataError(f"padding_side must be 'right' or 'left', got '{padding_side}'")
-        if rejected_per_fact < 1:
-            raise DataError(f"rejected_per_fact must be >= 1, got {rejected_per_fact}")
+        unknown = sorted(set(pair_kinds or ()) - set(PAIR_KINDS))
+        if unknown or pair_kinds == []:
+            raise DataError(f"data.pair_kinds: expected some of {', '.join(PAIR_KINDS)}, got {pair_kinds}")
         self.format = format
         self.padding_side = padding_side
         self.num_train = num_train
         self.num_heldout = num_heldout
         self.world_seed = world_seed
-        self.rejected_per_fact = rejected_per_fact
+        self.pair_kinds = list(pair_kinds or PAIR_KINDS)
         self.extra_facts = extra_facts
         self.stats_train: PairStats | None = None
         self.stats_val: PairStats | None = None
@@ -312,13 +299,13 @@ class PreferenceDataModule(InstructionDataModule):
         return "alpaca" if self.train_format == "alpaca" else "chat"
 
     def embedded_records(self) -> tuple[list[dict], list[dict]]:
-        """Pairs from the SFT tasks, with SFT's train/held-out split of the facts."""
+        """Gold-labelled pairs from the SFT tasks, with SFT's train/held-out split of the facts."""
         train, heldout = split_facts(self.world_seed, self.num_train, self.num_heldout)
         if self.extra_facts:  # fresh facts of the same tasks; never a held-out question
             seen = {f.question for f in train + heldout}
             train = train + [f for f in generate_facts(self.extra_facts, self.world_seed + 11) if f.question not in seen]
-        return (preference_records(train, self.world_seed + 7, self.rejected_per_fact),
-                preference_records(heldout, self.world_seed + 8, 1))
+        return (gold_pair_records(train, self.world_seed + 7, self.pair_kinds),
+                gold_pair_records(heldout, self.world_seed + 8, self.pair_kinds))
 
     def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
                tokenizer: Any) -> tuple[Dataset, PairStats]:

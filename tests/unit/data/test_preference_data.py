@@ -11,6 +11,7 @@ import torch
 
 from lit_ft.data.datamodule import ResumableDataLoader, SeededShuffleSampler
 from lit_ft.data.formats import format_alpaca_prompt, tokenize_record
+from lit_ft.data.gold import PAIR_KINDS, gold_pair_records, gold_rank
 from lit_ft.data.preference import (
     EmptyResponse,
     PreferenceCollator,
@@ -239,24 +240,36 @@ def test_near_misses_are_plausible_and_wrong() -> None:
 
 
 def test_embedded_pairs_use_the_sft_split_and_alpaca_prompt(tokenizer) -> None:
-    dm = PreferenceDataModule(tokenizer=tokenizer, rejected_per_fact=2)
+    dm = PreferenceDataModule(tokenizer=tokenizer)
     train, heldout = dm.embedded_records()
     sft_train, sft_heldout = split_facts(1234, 2000, 200)
-    assert [r["instruction"] for r in heldout] == [f.question for f in sft_heldout]
+    kinds = len(PAIR_KINDS)
+    assert [r["instruction"] for r in heldout] == [f.question for f in sft_heldout for _ in range(kinds)]
     assert {r["instruction"] for r in train} == {f.question for f in sft_train}
-    assert len(train) > len(sft_train) and len(heldout) == 200
-    assert all(r["chosen"] == f.answer for r, f in zip(heldout, sft_heldout))
-    assert preference_records(sft_heldout, 1242) == heldout  # deterministic from the world seed
+    assert len(train) == kinds * len(sft_train) and len(heldout) == kinds * 200
+    assert all(gold_rank(r["instruction"], r["chosen"]) > gold_rank(r["instruction"], r["rejected"]) for r in heldout)
+    assert gold_pair_records(sft_heldout, 1242) == heldout  # deterministic from the world seed
     pair = tokenize_pair(heldout[0], tokenizer)
     prompt = tokenizer.decode(pair.prompt_ids, skip_special_tokens=True)
     assert prompt == format_alpaca_prompt(sft_heldout[0].question)
+    only = PreferenceDataModule(tokenizer=tokenizer, pair_kinds=["cross"]).embedded_records()[1]
+    assert {r["kind"] for r in only} == {"cross"} and len(only) == 200
+    with pytest.raises(DataError, match="pair_kinds"):
+        PreferenceDataModule(pair_kinds=["style", "length"])
+
+
+def test_bare_near_miss_pairs() -> None:
+    _, heldout = split_facts(1234, 2000, 200)
+    records = preference_records(heldout, 1242, rejected_per_fact=2)
+    assert all(r["chosen"] == next(f.answer for f in heldout if f.question == r["instruction"]) for r in records)
+    assert len(records) > len(heldout) and all(r["chosen"] != r["rejected"] for r in records)
 
 
 def test_datamodule_batches_resume_and_left_padding(tokenizer) -> None:
     dm = PreferenceDataModule(tokenizer=tokenizer, num_train=40, num_heldout=8, micro_batch_size=4,
                               padding_side="left")
     dm.setup("fit")
-    assert (dm.stats_train.pairs, dm.stats_val.pairs) == (40, 8) and dm.prompt_format == "alpaca"
+    assert (dm.stats_train.pairs, dm.stats_val.pairs) == (120, 24) and dm.prompt_format == "alpaca"
     loader = dm.train_dataloader()
     assert isinstance(loader, ResumableDataLoader) and isinstance(loader.sampler, SeededShuffleSampler)
     batch = next(iter(loader))
