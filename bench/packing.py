@@ -31,7 +31,7 @@ def _peak_rss_mib() -> float:
 
 def run(packing: bool, supervised_only: bool, steps: int, examples: int, micro_batch: int, seq: int) -> dict:
     from lit_ft.backbone import Backbone, LoraSettings
-    from lit_ft.data.datamodule import InstructionDataModule
+    from lit_ft.data.instruction import InstructionDataModule
     from lit_ft.losses.lm import full_logits_token_loss
     from lit_ft.stages.causal_lm import CausalLM
 
@@ -40,8 +40,9 @@ def run(packing: bool, supervised_only: bool, steps: int, examples: int, micro_b
     module.configure_model()
     data = InstructionDataModule(
         source=str(ALPACA), format="alpaca", max_seq_length=seq, packing=packing, micro_batch_size=micro_batch,
-        max_examples=examples, val_split_fraction=0.0, tokenizer=module.tokenizer,
+        max_examples=examples, val_split_fraction=0.0,
     )
+    data.connect(module.tokenizer)
     data.setup("fit")
     optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=2e-4)
     module.train()

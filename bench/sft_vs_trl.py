@@ -8,10 +8,13 @@ memory) is its own, and prints one JSON line. The first optimizer step is a warm
 
     python bench/sft_vs_trl.py                 # CPU: hidden 256, 4 layers, 600 examples, rows of 512
     python bench/sft_vs_trl.py --gpu           # CUDA: Mistral-7B-v0.1 shape, nf4, rows of 2048, checkpointing
+    python bench/sft_vs_trl.py --gpu --data records.json --model-dir runs/gpu_check/model   # as make gpu-check
 
 The default on a machine with CUDA is ``--gpu``. The last line is
 ``bench: lit_ft/trl real-token throughput ratio = X.XX, peak memory ratio = Y.YY``.
-Skips (exit 0) with a reason when ../shared/data/alpaca_5000.json or trl is missing.
+Skips (exit 0) with a reason when the Alpaca records (``--data``, default ../shared/data/alpaca_5000.json) or trl
+are missing. This process never touches the GPU: the model is built (or ``--model-dir`` reused) and each side runs
+in a child process, so that a side's peak memory is its own and the parent holds none of the device's memory.
 """
 
 from __future__ import annotations
@@ -62,12 +65,13 @@ class Setup:
     seed: int
     attn: str  # lit_ft's attention implementation (TRL keeps sdpa)
     lit_loss: str  # "supervised" (lit_ft's) or "full" (full logits: the path being replaced, for ablation)
+    data: str = str(ALPACA)  # the Alpaca records (a JSON list)
 
 
 # ----------------------------------------------------------------------------------------------- shared
-def alpaca_records(n: int) -> list[dict]:
+def alpaca_records(path: str, n: int) -> list[dict]:
     """The first ``n`` Alpaca records with a non-empty output (lit_ft skips empty responses; so does TRL's side)."""
-    records = json.loads(ALPACA.read_text())[:n]
+    records = json.loads(Path(path).read_text())[:n]
     return [r for r in records if r.get("output", "").strip()]
 
 
@@ -141,8 +145,7 @@ class StepClock:
             # 6 N FLOPs per token (forward 2N + backward 4N), the usual MFU convention even though a frozen base
             # skips its weight gradients; checkpointing's recompute is not counted.
             peak = float(os.environ.get("BENCH_PEAK_TFLOPS", H100_BF16_DENSE_TFLOPS)) * 1e12
-            params = json.loads((Path(setup.model_dir) / "bench_params.json").read_text())["matmul_params"]
-            out["mfu"] = 6 * params * real_tok_s / peak
+            out["mfu"] = 6 * matmul_params(setup.model_dir) * real_tok_s / peak
             out["device"] = torch.cuda.get_device_name()
         return out
 
@@ -168,9 +171,17 @@ def make_model_dir(shape: Shape, gpu: bool, directory: Path) -> None:
         torch.set_default_dtype(torch.float32)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    # For MFU: every weight a token's FLOPs go through (the input embedding is a lookup, not a matmul).
-    matmul_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    (directory / "bench_params.json").write_text(json.dumps({"matmul_params": matmul_params}))
+
+
+def matmul_params(model_dir: str) -> int:
+    """For MFU: every weight a token's FLOPs go through (the input embedding is a lookup, not a matmul), from the
+    saved config (meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
 
 
 # ----------------------------------------------------------------------------------------------- lit_ft
@@ -180,7 +191,7 @@ def run_lit_ft(setup: Setup) -> dict:
     import torch
 
     from lit_ft.backbone import Backbone, LoraSettings
-    from lit_ft.data.datamodule import InstructionDataModule
+    from lit_ft.data.instruction import InstructionDataModule
     from lit_ft.losses.lm import IGNORE_INDEX, full_logits_token_loss
     from lit_ft.stages.causal_lm import CausalLM
 
@@ -202,10 +213,11 @@ def run_lit_ft(setup: Setup) -> dict:
             return full_logits_token_loss(out.logits, batch["labels"])
         module.token_loss = full_token_loss
     data = InstructionDataModule(
-        source=str(ALPACA), format="alpaca", max_seq_length=setup.seq, packing=True,
+        source=setup.data, format="alpaca", max_seq_length=setup.seq, packing=True,
         micro_batch_size=setup.micro_batch, max_examples=setup.examples, val_split_fraction=0.0,
-        seed=setup.seed, tokenizer=module.tokenizer,
+        seed=setup.seed,
     )
+    data.connect(module.tokenizer)
     clock = StepClock(setup.gpu)
     pad_id = module.tokenizer.pad_token_id
 
@@ -240,7 +252,7 @@ def run_trl(setup: Setup) -> dict:
 
     from lit_ft.data.formats import format_alpaca_prompt
 
-    records = alpaca_records(setup.examples)
+    records = alpaca_records(setup.data, setup.examples)
     dataset = Dataset.from_list([
         {"prompt": format_alpaca_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]}
         for r in records
@@ -350,6 +362,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sides", default="lit_ft,trl", help="which sides to run, comma-separated")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the sides alternately this many times (on a shared, noisy machine)")
+    parser.add_argument("--data", default=str(ALPACA), help="Alpaca records, a JSON list (default: %(default)s)")
+    parser.add_argument("--model-dir", help="a saved Mistral-architecture model of the mode's shape to reuse "
+                                            "(default: a new random one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -357,32 +372,39 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.child == "build":  # the random model, in its own process (the parent never touches the GPU)
+        make_model_dir(MISTRAL_7B if args.gpu else CPU_SHAPE, args.gpu, Path(args.setup))
+        return
     if args.child:  # one side, in its own process
         setup = Setup(**json.loads(args.setup))
         result = run_lit_ft(setup) if args.child == "lit_ft" else run_trl(setup)
         print(json.dumps(result))
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if not ALPACA.exists():
-        print(f"bench: skipped: {ALPACA} not found (the shared data folder sits beside the checkout)")
+    if not Path(args.data).exists():
+        print(f"bench: skipped: {args.data} not found (--data; the shared data folder sits beside the checkout)")
         return
     if "trl" in sides and importlib.util.find_spec("trl") is None:
         print("bench: skipped: trl is not installed (pip install -e '.[bench]')")
         return
     import torch
 
-    gpu = args.gpu or (torch.cuda.is_available() and not args.cpu)
+    gpu = args.gpu or (torch.cuda.is_available() and not args.cpu)  # asks the driver: no CUDA context here
     if gpu and not torch.cuda.is_available():
         print("bench: skipped: --gpu needs CUDA")
         return
     shape = MISTRAL_7B if gpu else CPU_SHAPE
-    with tempfile.TemporaryDirectory(prefix="bench_model_") as model_dir:
-        make_model_dir(shape, gpu, Path(model_dir))
+    with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
+        model_dir = args.model_dir or tmp
+        if not args.model_dir:
+            subprocess.run([sys.executable, __file__, "--child", "build", "--setup", model_dir,
+                            "--gpu" if gpu else "--cpu"], check=True)
         setup = Setup(model_dir=model_dir, gpu=gpu, steps=args.steps or (8 if gpu else 12),
                       examples=args.examples or (5000 if gpu else 600), seq=args.seq or (2048 if gpu else 512),
                       micro_batch=args.micro_batch, lr=args.lr, seed=args.seed, attn=args.attn,
-                      lit_loss=args.lit_loss)
-        print(f"bench: {'GPU, Mistral-7B shape, nf4' if gpu else 'CPU, tiny Mistral'} {asdict(shape)}, "
+                      lit_loss=args.lit_loss, data=str(Path(args.data).resolve()))
+        print(f"bench: {'GPU, Mistral-7B shape, nf4' if gpu else 'CPU, tiny Mistral'} "
+              f"{asdict(shape) if not args.model_dir else args.model_dir}, "
               f"{setup.examples} Alpaca examples, rows of {setup.seq}, micro-batch {setup.micro_batch}, "
               f"LoRA r=16 all-linear, lr {setup.lr} constant, {setup.steps} steps; lit_ft attention {setup.attn}, "
               f"loss {setup.lit_loss}", flush=True)

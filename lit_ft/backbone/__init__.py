@@ -1,7 +1,8 @@
 """The shared backbone: the tokenizer, the (optionally 4-bit) base model, and named LoRA adapters on it.
 
 Every stage builds its model through :func:`build_model`, so that an adapter trained by one stage loads back onto
-the same base in another; :mod:`lit_ft.backbone.adapters` puts several named adapters on one base.
+the same base in another; :mod:`lit_ft.backbone.adapters` puts several named adapters on one base, and
+:mod:`lit_ft.backbone.base_record` saves with each adapter how its base was loaded, for the inference tools.
 """
 
 from lit_ft.backbone.adapters import (
@@ -13,6 +14,7 @@ from lit_ft.backbone.adapters import (
     save_adapter,
     trainable_state_dict,
 )
+from lit_ft.backbone.base_record import BASE_FILE, BaseRecord
 from lit_ft.backbone.builder import (
     DTYPES,
     EMBEDDED_TOKENIZER,
@@ -22,6 +24,7 @@ from lit_ft.backbone.builder import (
     TinyConfig,
     build_model,
     decoder_and_head,
+    load_base_model,
     load_tokenizer,
     looks_local,
     save_full_model,
@@ -29,11 +32,13 @@ from lit_ft.backbone.builder import (
 from lit_ft.errors import BackboneError
 
 __all__ = [
+    "BASE_FILE",
     "DTYPES",
     "EMBEDDED_TOKENIZER",
     "Backbone",
     "BackboneError",
     "BackboneModule",
+    "BaseRecord",
     "LoraSettings",
     "TinyConfig",
     "active_adapter",
@@ -42,6 +47,7 @@ __all__ = [
     "decoder_and_head",
     "keep_trainable_in_checkpoint",
     "load_adapter",
+    "load_base_model",
     "load_tokenizer",
     "looks_local",
     "resolve_init_adapter",

@@ -12,22 +12,32 @@ Model sources:
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from lit_ft.backbone.adapters import add_adapter, load_adapter, replace_dir, resolve_init_adapter
+from lit_ft.backbone.adapters import add_adapter, load_adapter, resolve_init_adapter, staged_dir
 from lit_ft.backbone.packed_attention import PACKED_ATTENTION, register_packed_attention
 from lit_ft.errors import BackboneError
 
+log = logging.getLogger("lit_ft")
+
 EMBEDDED_TOKENIZER = "embedded:mistral-7b-v0.1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_STORAGES = {"uint8": torch.uint8, **DTYPES}
+# attention backends that need a package besides torch and transformers: name -> (import name, pip name)
+ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface",
+                                                                                               "flash-attn-3")}
 
 
 @dataclass
@@ -82,9 +92,16 @@ class Backbone:
         tokenizer: hub id or local directory; None uses the pretrained model's own tokenizer, or the embedded
             Mistral-7B-v0.1 tokenizer for a model built from ``tiny``.
         tiny: sizes of the from-scratch model (used only when ``pretrained`` is None).
-        quantization: "none", or "nf4" for 4-bit NormalFloat with double quantisation (QLoRA).
-        dtype: dtype of the non-quantised weights ("float32" on CPU; "bfloat16" halves memory on GPU).
-        compute_dtype: dtype of 4-bit matmuls ("bfloat16" is the QLoRA paper's; use "float32" on CPU).
+        quantization: "none", or "nf4" for 4-bit NormalFloat (QLoRA).
+        dtype: dtype of the non-quantised weights ("float32" on CPU; "bfloat16" halves memory on GPU). On a GPU
+            without bfloat16 (T4, V100) a bfloat16 here is loaded as float16, with a warning.
+        compute_dtype: dtype of 4-bit matmuls ("bfloat16" is the QLoRA paper's; use "float32" on CPU); with nf4 also
+            the dtype the non-quantised weights are kept in for training (docs/memory.md). The same float16 fallback
+            applies.
+        double_quant: quantise the 4-bit quantisation constants too (True: QLoRA's double quantisation, ~0.37
+            bit per parameter saved).
+        quant_storage: dtype the packed 4-bit weights are stored in. "auto": uint8, or the compute dtype under
+            FSDP, which can only shard parameters of one floating dtype (bitsandbytes' ``bnb_4bit_quant_storage``).
         attn_implementation: "eager", "sdpa", "flex_attention", "flash_attention_2" or "lit_ft_packed" (SDPA per
             packed example: attention costs sum(L_i^2), not row^2; see lit_ft.backbone.packed_attention); packing is exact
             on each.
@@ -102,6 +119,8 @@ class Backbone:
     quantization: Literal["none", "nf4"] = "none"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    double_quant: bool = True
+    quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = field(default_factory=LoraSettings)
@@ -146,7 +165,8 @@ def load_tokenizer(name: str | None):
         if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
             raise BackboneError(f"{name}: model/tokenizer directory not found (`make pretrain` builds the embedded base)")
         name = os.path.expanduser(name)
-        tok = AutoTokenizer.from_pretrained(name)
+        with hub_errors(name):
+            tok = AutoTokenizer.from_pretrained(name)
     if tok.eos_token_id is None:
         raise BackboneError(f"{name or EMBEDDED_TOKENIZER}: the tokenizer has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -157,14 +177,97 @@ def load_tokenizer(name: str | None):
     return tok
 
 
+@contextlib.contextmanager
+def hub_errors(name: str) -> Iterator[None]:
+    """Turn a failed hub download of ``name`` into one line saying what to do (gated, missing, offline).
+
+    transformers wraps huggingface_hub's errors in ``OSError``; the hub's own error is found in the cause chain.
+    """
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        reason = _hub_failure(err, name)
+        if reason is None:
+            raise
+        raise BackboneError(f"{name}: {reason}") from None
+
+
+def _hub_failure(err: BaseException, name: str) -> str | None:
+    """What went wrong with a hub download, as advice for the user; None when ``err`` is not a hub failure."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(err, GatedRepoError) or (isinstance(err, HfHubHTTPError) and status in (401, 403)):
+            return (f"a gated model this machine may not download: accept its terms on "
+                    f"https://huggingface.co/{name} with your account, then {login}")
+        if isinstance(err, RepositoryNotFoundError):
+            return f"not found on the Hugging Face Hub (a private model needs access: {login})"
+        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return ("not in the local Hugging Face cache and the hub cannot be reached (no network, or "
+                    "HF_HUB_OFFLINE=1); download it once with network, or give a local directory")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def looks_local(name: str) -> bool:
     """A path rather than a hub id (``org/name``): starts with ., / or ~, or has more than one slash."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(name)
 
 
+def bf16_capable() -> bool:
+    """Whether bfloat16 runs natively here: always on CPU, on CUDA GPUs from Ampere on (not T4, V100)."""
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+_WARNED: set[str] = set()
+
+
+def for_this_hardware(spec: Backbone) -> Backbone:
+    """``spec`` with what this machine cannot run replaced or refused, in one line each.
+
+    * bfloat16 (``dtype``, ``compute_dtype``) on a GPU without it: float16, logged (QLoRA's usual choice there).
+    * an attention backend whose package is missing (flash_attention_2 without flash-attn): a BackboneError.
+    """
+    package = ATTENTION_PACKAGES.get(spec.attn_implementation)
+    if package is not None and importlib.util.find_spec(package[0]) is None:
+        raise BackboneError(f"attn_implementation: {spec.attn_implementation} needs the {package[1]} package (pip "
+                            f"install {package[1]}, CUDA only); sdpa or lit_ft_packed pack exactly without it")
+    swapped = {name: "float16" for name in ("dtype", "compute_dtype") if getattr(spec, name) == "bfloat16"}
+    if not swapped or bf16_capable():
+        return spec
+    message = (f"{torch.cuda.get_device_name()} has no bfloat16: loading the base with "
+               f"{' and '.join(swapped)} float16 instead (set them to float16, and trainer.precision: 16-mixed, "
+               "to silence this)")
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("lit_ft: %s", message)
+    return replace(spec, **swapped)
+
+
+def quant_storage(spec: Backbone, fsdp: bool = False) -> str:
+    """The storage dtype of packed 4-bit weights: ``spec.quant_storage``, or for "auto" uint8, and the compute
+    dtype under FSDP (which flattens parameters of one dtype into shards)."""
+    if spec.quant_storage != "auto":
+        return spec.quant_storage
+    return spec.compute_dtype if fsdp else "uint8"
+
+
 def _tiny_model(spec: Backbone, tokenizer):
     from transformers import MistralConfig, MistralForCausalLM
 
+    spec = for_this_hardware(spec)
     cfg = MistralConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -177,24 +280,105 @@ def _tiny_model(spec: Backbone, tokenizer):
     return MistralForCausalLM(cfg).to(DTYPES[spec.dtype])
 
 
-def _pretrained_model(spec: Backbone, device_map=None):
+def _pretrained_model(spec: Backbone, device_map=None, low_host_memory: bool = False):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     name = spec.pretrained
     if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
         raise BackboneError(f"{name}: model directory not found (run `make pretrain` for the embedded base)")
+    spec = for_this_hardware(spec)
     kwargs = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation}
     if spec.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,  # QLoRA: quantise the quantisation constants too (~0.37 bit/param saved)
+            bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=DTYPES[spec.compute_dtype],
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=QUANT_STORAGES[quant_storage(spec)],
         )
         if device_map is not None:
             kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
+    name = os.path.expanduser(name)
+    with hub_errors(name):
+        if low_host_memory and spec.quantization == "nf4":
+            model = _read_then_quantize(name, kwargs)
+            if model is not None:
+                return model
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def _read_then_quantize(name: str, kwargs: dict):
+    """``from_pretrained`` for a 4-bit load that keeps host memory near the quantised size, or None when the
+    checkpoint is not in safetensors.
+
+    transformers memory-maps every shard for the whole load, so the host holds the full 16-bit checkpoint in
+    mapped pages by the end (14.5 GB for Mistral-7B) though each weight is read once and quantised. Here each
+    weight is read with ``pread`` into its own buffer, quantised, and freed; and glibc is told to return large
+    freed buffers to the system at once (its default threshold grows to 32 MB and keeps them in the heap).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils.hub import cached_file
+
+    def find(filename: str) -> str | None:
+        return cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        files = [find(shard) for shard in sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))]
+    else:
+        files = [find("model.safetensors")]
+    if not files or None in files:
+        return None
+    config = AutoConfig.from_pretrained(name)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:  # e.g. remote code: transformers' own path handles it
+        return None
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return_freed_memory()
+    state = {}
+    for file in files:
+        shard = safe_open(file, framework="pt", device="cpu", backend="pread")
+        state.update((key, shard.get_slice(key)) for key in shard.keys())  # noqa: SIM118 - not iterable
+    model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    return model
+
+
+def return_freed_memory() -> None:
+    """Have glibc hand freed buffers of 1 MiB and more back to the system at once (a fixed mmap threshold), so
+    that converting weights one at a time does not leave their full-precision copies in the heap. No-op where
+    the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path) if path else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+
+
+def load_base_model(spec: Backbone, tokenizer, device_map=None, low_host_memory: bool = False):
+    """The base model alone, as ``spec`` loads it (from scratch, a local directory or the hub; 4-bit or not), with
+    room for every token of ``tokenizer``: what inference needs, without preparing it for training.
+    ``low_host_memory``: a 4-bit load reads and quantises one weight at a time (see :func:`_read_then_quantize`)."""
+    if spec.attn_implementation == PACKED_ATTENTION:
+        register_packed_attention()  # transformers must know the name before the model is built
+    if spec.pretrained is None:
+        if spec.quantization != "none":
+            raise BackboneError("quantization: nf4 needs pretrained weights (set model.backbone.pretrained)")
+        model = _tiny_model(spec, tokenizer)
+    else:
+        model = _pretrained_model(spec, device_map, low_host_memory)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def build_model(spec: Backbone, tokenizer, device_map=None):
@@ -203,29 +387,25 @@ def build_model(spec: Backbone, tokenizer, device_map=None):
     Returns a ``PeftModel`` with the adapter ``spec.lora.adapter_name`` active, or the plain model when
     ``spec.lora`` is None (every parameter then trains).
     """
-    if spec.attn_implementation == PACKED_ATTENTION:
-        register_packed_attention()  # transformers must know the name before the model is built
-    if spec.pretrained is None:
-        if spec.quantization != "none":
-            raise BackboneError("quantization: nf4 needs pretrained weights (set model.backbone.pretrained)")
-        model = _tiny_model(spec, tokenizer)
-    else:
-        model = _pretrained_model(spec, device_map)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = load_base_model(spec, tokenizer, device_map)
     model.config.use_cache = False  # training: a KV cache would also disable packed-sequence masking
 
     if spec.quantization == "nf4":
-        from peft import prepare_model_for_kbit_training
+        # The lean preparation (docs/memory.md), not peft.prepare_model_for_kbit_training: that one up-casts the
+        # embeddings, norms and head to fp32, so the residual stream, every 4-bit linear's output (bitsandbytes
+        # returns its input's dtype), the checkpointed layer inputs and the loss's head all become fp32. Here the
+        # base is frozen and its non-quantised weights stay in the compute dtype; RMSNorm still normalises in fp32
+        # and the loss accumulates its log-sum-exp in fp32. 4-bit weights keep their storage (a float quant_storage
+        # holds packed 4-bit data: never cast it).
+        from bitsandbytes.nn import Params4bit
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=spec.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif spec.gradient_checkpointing:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            if p.is_floating_point() and not isinstance(p, Params4bit):
+                p.data = p.data.to(DTYPES[spec.compute_dtype])
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # checkpointed layers see an input that requires grad (frozen embeddings)
 
     if spec.lora is None:
         return model
@@ -238,13 +418,11 @@ def build_model(spec: Backbone, tokenizer, device_map=None):
 def save_full_model(model, directory: str | os.PathLike, tokenizer, metadata: dict | None = None) -> Path:
     """Save a plain transformers model with its tokenizer (atomically: temporary folder, then rename)."""
     out = Path(directory)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if metadata:
-        (tmp / "lit_ft.json").write_text(json.dumps(metadata, indent=2))
-    replace_dir(tmp, out)
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if metadata:
+            (tmp / "lit_ft.json").write_text(json.dumps(metadata, indent=2))
     return out
 
 
@@ -275,3 +453,24 @@ class BackboneModule:
         if self.backbone.quantization == "none" or getattr(self, "_trainer", None) is None:
             return None
         return {"": str(self.trainer.strategy.root_device)}
+
+    def load_spec(self) -> Backbone:
+        """``self.backbone`` as this machine and strategy load it: the 4-bit storage dtype resolved (the compute
+        dtype under FSDP), bfloat16 replaced where the GPU lacks it. What :func:`build_model` gets, and what an
+        export records as the way its base was loaded."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = getattr(self, "_trainer", None)
+        fsdp = trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+        spec = self.backbone
+        if spec.quantization == "nf4":
+            spec = replace(spec, quant_storage=quant_storage(spec, fsdp))
+        return for_this_hardware(spec)
+
+    def base_record(self):
+        """How this module's base was loaded and its prompts rendered: the ``lit_ft_base.json`` of its exports."""
+        from lit_ft.backbone.base_record import BaseRecord, data_prompt_format
+
+        trainer = getattr(self, "_trainer", None)
+        prompt_format, chat_template = data_prompt_format(getattr(trainer, "datamodule", None))
+        return BaseRecord.of(self.load_spec(), prompt_format, chat_template, stage=type(self).__name__)

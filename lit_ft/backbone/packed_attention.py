@@ -14,6 +14,11 @@ With ``position_ids`` on a GPU that is one device-to-host copy per forward pass 
 
 Batches with an attention mask (padded batches, generation with a cache) go to transformers' ``sdpa``
 unchanged, so the implementation is a drop-in replacement for ``sdpa``.
+
+Sliding-window attention (Mistral-7B-v0.1: 4096) is applied as transformers applies it (``sliding_window_overlay``:
+a query sees its own key and the ``window - 1`` keys before it): an example no longer than the window keeps the
+fused causal kernel; a longer one gets an explicit banded mask. Masks transformers builds (padding, a cache)
+already carry the window.
 """
 
 from __future__ import annotations
@@ -101,30 +106,51 @@ def packed_sdpa_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    plain = (attention_mask is not None or position_ids is None or not getattr(module, "is_causal", True)
+    window = (kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+              or getattr(getattr(module, "config", None), "sliding_window", None))
+    causal = getattr(module, "is_causal", True)
+    plain = (attention_mask is not None or position_ids is None or not causal
              or query.shape[2] != key.shape[2] or query.shape[2] == 1)
     if plain:
+        if attention_mask is None and causal and window is not None and key.shape[2] > window:
+            # transformers built no mask (it would carry the window): the banded one, (1, 1, q, kv)
+            attention_mask = window_mask(query.shape[2], key.shape[2], window, query.device)[None, None]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
     segments = SEGMENT_CACHE.get(position_ids)
-    window = getattr(module, "sliding_window", None) or getattr(getattr(module, "config", None), "sliding_window", None)
-    if window is not None and any(end - start > window for _, start, end in segments.bounds):
-        raise ValueError(f"{PACKED_ATTENTION}: a packed example is longer than the sliding window ({window}); "
-                         "use attn_implementation sdpa or flex_attention")
     gqa = query.shape[1] != key.shape[1]
-    if segments.one_per_row:  # nothing packed: one fused causal call for the whole batch
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
-                                             enable_gqa=gqa)
+    if segments.one_per_row:  # nothing packed: one fused call for the whole batch
+        out = _causal_sdpa(query, key, value, dropout, scaling, gqa, window)
         return out.transpose(1, 2).contiguous(), None
     parts = [
-        F.scaled_dot_product_attention(query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
-                                       value[row : row + 1, :, start:end], dropout_p=dropout, scale=scaling,
-                                       is_causal=True, enable_gqa=gqa)
+        _causal_sdpa(query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
+                     value[row : row + 1, :, start:end], dropout, scaling, gqa, window)
         for row, start, end in segments.bounds
     ]
     batch, heads, width, dim = query.shape
     out = torch.cat(parts, dim=2).view(heads, batch, width, dim)  # (1, H, B*T, D): rows one after another
     return out.permute(1, 2, 0, 3).contiguous(), None
+
+
+def window_mask(q_length: int, kv_length: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(q_length, kv_length) boolean mask, True where attention is allowed: causal, and a query sees its own key and
+    the ``window - 1`` before it (transformers' ``sliding_window_overlay``: kv > q - window). The queries are the
+    last ``q_length`` positions of the keys."""
+    q = torch.arange(kv_length - q_length, kv_length, device=device)[:, None]
+    k = torch.arange(kv_length, device=device)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+def _causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None,
+                 gqa: bool, window: int | None) -> torch.Tensor:
+    """Causal SDPA over one segment (or whole rows): the fused causal kernel, or a banded mask for a segment
+    longer than the sliding window."""
+    length = query.shape[2]
+    if window is None or length <= window:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=window_mask(length, length, window,
+                                          query.device), dropout_p=dropout, scale=scaling, enable_gqa=gqa)
 
 
 def _packed_mask(*, attention_mask: torch.Tensor | None = None, q_length: int = 0, kv_length: int = 0,

@@ -1,7 +1,8 @@
 """Before/after generations: greedy completions of fixed held-out prompts, printed and logged to W&B as a table.
 
-On data whose answers can be checked exactly (the embedded tasks), it also measures held-out exact match before
-training and after, overall and per task.
+The prompts are the data module's held-out items (:mod:`lit_ft.data.heldout`), rendered as in training. On data
+whose answers can be checked exactly (the embedded world), it also measures held-out exact match before training
+and after, overall and per task.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_ft.data.formats import format_prompt
+from lit_ft.data.heldout import HeldOut
+from lit_ft.loggers.run_dir import EVALUATION_FILE, evaluation_record, write_json
 from lit_ft.metrics import exact_match, per_task_counts
 from lit_ft.padding import pad_rows
 
@@ -68,30 +70,25 @@ class GenerationTable(L.Callback):
         self.width = width
         self.results: dict[str, dict] = {}
 
-    def _records(self, trainer: L.Trainer) -> tuple[list[dict], bool]:
-        dm = trainer.datamodule
-        records = list(getattr(dm, "eval_records", None) or [])
-        checkable = bool(getattr(dm, "checkable_answers", False))
-        return records, checkable
-
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> dict:
-        records, checkable = self._records(trainer)
-        if not records:
-            return {}
-        count = max(self.num_shown, self.num_scored if checkable else 0)
-        records = records[:count]
+        """Generate for the data module's held-out prompts (:class:`lit_ft.data.heldout.HeldOut`); score exact match
+        when its answers are checkable."""
         dm = trainer.datamodule
-        fmt = getattr(dm, "eval_format", None) or getattr(dm, "format", "auto")
-        template = getattr(dm, "chat_template", None)
-        prompts = [format_prompt(r, pl_module.tokenizer, fmt, chat_template=template) for r in records]
+        if not isinstance(dm, HeldOut):
+            return {}
+        checkable = bool(dm.checkable)
+        items = dm.heldout()[: max(self.num_shown, self.num_scored if checkable else 0)]
+        if not items:
+            return {}
+        prompts = [item.prompt for item in items]
         texts = greedy_generate(
             pl_module.model, pl_module.tokenizer, [p.input_ids for p in prompts], self.max_new_tokens,
             self.batch_size,
         )
         result: dict = {"rows": [(p, t) for p, t in zip(prompts[: self.num_shown], texts)]}
         if checkable:
-            hits = [exact_match(t, p.reference or "") for p, t in zip(prompts, texts)]
-            per_task = per_task_counts(hits, [rec.get("task", "all") for rec in records])
+            hits = [exact_match(t, item.reference or "") for item, t in zip(items, texts)]
+            per_task = per_task_counts(hits, [item.task or "all" for item in items])
             result["exact_match"] = sum(hits) / len(hits)
             result["per_task"] = {task: right / total for task, (right, total) in per_task.items()}
             result["scored"] = len(hits)
@@ -143,6 +140,7 @@ class GenerationTable(L.Callback):
         self._report(trainer, "after", self.evaluate(trainer, pl_module, "after"))
         if trainer.is_global_zero:
             self.print_table()
+            write_json(trainer, EVALUATION_FILE, evaluation_record(self.results))  # for the run's report.html
 
 
 def _tail(text: str, width: int) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_ft.tools.estimate import GIB, MemoryEstimate, ModelShape, estimate, meta_model, setup_from_config
+from lit_ft.tools.estimate import setup_from_config
+from lit_ft.tools.memory_model import GIB, MemoryEstimate, ModelShape, estimate, meta_model
 
 
 def process_rss() -> int:
@@ -139,9 +140,26 @@ class MemoryMonitor(L.Callback):
         return self.comparison
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._cuda and trainer.is_global_zero:
+        """One summary line: the run's peak (CUDA allocated and reserved, or the process's peak RSS) and the
+        estimate beside it (bench/gpu_check.py reads this line)."""
+        if self._cuda:
             self._interval_metrics(pl_module.device)
-            print(f"memory: run peak allocated {self.run_peak_allocated / GIB:.2f} GiB, "
-                  f"reserved {self.run_peak_reserved / GIB:.2f} GiB")
-        elif trainer.is_global_zero:
-            print(f"memory: peak RSS {peak_rss() / GIB:.2f} GiB")
+        if self.comparison is None and self._batches:  # a run shorter than compare_after_batches
+            metrics = self._compare(trainer)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        if not trainer.is_global_zero:
+            return
+        est = self.estimate
+        if self._cuda:
+            line = (f"memory: run peak allocated {self.run_peak_allocated / GIB:.2f} GiB, "
+                    f"reserved {self.run_peak_reserved / GIB:.2f} GiB")
+        else:
+            line = f"memory: peak RSS {peak_rss() / GIB:.2f} GiB"
+        if est is not None:
+            line += f"; estimate {est.allocated / GIB:.2f} GiB allocated"
+            if est.paged:
+                line += f" + {est.paged / GIB:.2f} GiB paged optimiser state"
+            if self._cuda and est.allocated:
+                line += f" (measured/estimate {self.run_peak_allocated / est.allocated:.2f})"
+        print(line)

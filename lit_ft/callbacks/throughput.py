@@ -17,13 +17,16 @@ Model FLOPs per step (PaLM's MFU convention: recomputation by gradient checkpoin
     + 12 * L * h_attn * sum(context)                            QK^T and PV, forward and backward
 where sum(context) = sum over real tokens of (position_id + 1): exact causal work of packed or padded rows.
 
-Peak FLOP/s (:data:`PEAK_FLOPS`): dense (no 2:4 sparsity) bf16/fp16 matmul rates with fp32 accumulation, from the
-vendors' datasheets and architecture whitepapers; a name matches as a substring of ``torch.cuda.get_device_name()``
-(lower case), in table order, so "h100 pcie" wins over "h100". ``peak_flops`` overrides it.
+Peak FLOP/s: dense (no 2:4 sparsity) bf16/fp16 matmul rates with fp32 accumulation. Lightning's
+``get_available_flops`` gives them for the devices it knows; :data:`PEAK_FLOPS` holds only those it lacks or gets
+wrong (it reads "NVIDIA L40S" and "NVIDIA L40" as an L4, knows the H200 only by names the driver does not report,
+and lists sparse figures for H200 and H100 NVL and the TF32 rate for GeForce cards), matched on whole words of
+``torch.cuda.get_device_name()`` (lower case), in table order. ``peak_flops`` overrides both.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -32,38 +35,44 @@ import torch
 
 from lit_ft.losses.lm import IGNORE_INDEX
 
-# (substring of the device name, bf16 FLOP/s, fp16 FLOP/s); None: the dtype has no tensor-core path.
-PEAK_FLOPS: list[tuple[str, float | None, float]] = [
-    ("h200", 989e12, 989e12),  # H200 SXM datasheet: 1,979 TFLOPS with sparsity
-    ("h100 pcie", 756e12, 756e12),  # H100 PCIe datasheet: 1,513 with sparsity
-    ("h100", 989e12, 989e12),  # H100 SXM datasheet: 1,979 with sparsity
-    ("a100", 312e12, 312e12),  # A100 datasheet
-    ("a10g", 125e12, 125e12),  # A10 datasheet (A10G: same GA102 part on AWS g5; clocks differ slightly)
-    ("l4", 121e12, 121e12),  # L4 datasheet: 242 with sparsity
-    ("rtx 4090", 165.2e12, 165.2e12),  # Ada whitepaper, fp32 accumulate
-    ("rtx 3090", 71e12, 71e12),  # GA102 whitepaper, fp32 accumulate
-    ("t4", None, 65e12),  # T4 datasheet: fp16 only, no bf16 tensor cores
+# (whole-word pattern in the device name, bf16 FLOP/s, fp16 FLOP/s): what Lightning's table lacks or gets wrong.
+PEAK_FLOPS: list[tuple[str, float, float]] = [
+    (r"l40s", 362e12, 362e12),  # L40S datasheet: 733 TFLOPS with sparsity (Lightning: an L4's 121)
+    (r"l40", 181e12, 181e12),  # L40 datasheet: 362 with sparsity (Lightning: an L4's 121)
+    (r"h200 nvl", 835e12, 835e12),  # H200 NVL datasheet: 1,671 with sparsity (Lightning: the sparse figure)
+    (r"h200", 989e12, 989e12),  # H200 SXM datasheet: 1,979 with sparsity (Lightning: unknown name, sparse figure)
+    (r"h100 nvl", 835e12, 835e12),  # H100 NVL datasheet: 1,671 with sparsity (Lightning: 1,979, sparse)
+    (r"rtx 4090", 165.2e12, 165.2e12),  # Ada whitepaper, fp32 accumulate (Lightning: the TF32 rate, 82.6)
+    (r"rtx 3090", 71e12, 71e12),  # GA102 whitepaper, fp32 accumulate (Lightning: the TF32 rate, 35.6)
+    (r"a10", 125e12, 125e12),  # A10 datasheet (Lightning knows the A10G only)
 ]
 
 
-def peak_flops(device_name: str, half_dtype: str = "bf16") -> float | None:
-    """Peak dense FLOP/s of ``device_name`` for ``half_dtype`` ("bf16" or "fp16"), or None when unknown."""
+def table_peak_flops(device_name: str, half_dtype: str = "bf16") -> float | None:
+    """Peak dense FLOP/s of ``device_name`` from :data:`PEAK_FLOPS`, or None when the table does not hold it."""
     name = device_name.lower()
-    for key, bf16, fp16 in PEAK_FLOPS:
-        if key in name:
+    for pattern, bf16, fp16 in PEAK_FLOPS:
+        if re.search(rf"(?<![a-z0-9]){pattern}(?![a-z0-9])", name):
             return bf16 if half_dtype == "bf16" else fp16
     return None
 
 
 def current_device_peak(precision: str, override: float | None = None) -> tuple[float | None, str]:
-    """Peak FLOP/s of the current CUDA device for the trainer's precision, and the device's name."""
+    """Peak FLOP/s of the current CUDA device for the trainer's precision (:data:`PEAK_FLOPS`, else Lightning's
+    ``get_available_flops``; None when neither knows it), and the device's name."""
     if not torch.cuda.is_available():
         return override, "cpu"
     name = torch.cuda.get_device_name()
     if override is not None:
         return override, name
     half = "fp16" if str(precision).startswith("16") else "bf16"
-    return peak_flops(name, half), name
+    peak = table_peak_flops(name, half)
+    if peak is None:
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        peak = get_available_flops(device, torch.float16 if half == "fp16" else torch.bfloat16)
+    return (float(peak) if peak else None), name
 
 
 def model_flop_counts(model: torch.nn.Module) -> dict[str, float]:
@@ -116,7 +125,7 @@ class ThroughputMonitor(L.Callback):
     Args:
         log_every_n_steps: optimizer steps between logs (None: the trainer's ``log_every_n_steps``, so that
             the read-back coincides with Lightning's own logging sync).
-        peak_flops: the device's peak FLOP/s for MFU (None: looked up in PEAK_FLOPS by device name).
+        peak_flops: the device's peak FLOP/s for MFU (None: PEAK_FLOPS or Lightning's table, by device name).
         skip_first_steps: optimizer steps left out of the end-of-run summary (2: CUDA/cuBLAS warm-up).
     """
 

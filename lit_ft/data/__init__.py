@@ -1,7 +1,9 @@
 """Data layer: load records, render and tokenize formats, pack or pad, and the LightningDataModules.
 
-The DataModules are imported lazily: importing Lightning takes seconds, and code that only tokenizes or
-packs (tests, generation callbacks) should not pay for it.
+The records base (:mod:`lit_ft.data.records`), the DataModules of each data shape (``instruction``, ``preference``,
+``prompts``), the held-out contract (``heldout``) and the embedded world (``embedded``) are imported lazily:
+importing Lightning takes seconds, and code that only tokenizes or packs (tests, generation callbacks) should not
+pay for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lit_ft.data.formats import (
     Prompt,
     Segment,
     detect_format,
+    detect_prompt_format,
     format_alpaca_prompt,
     format_prompt,
     record_segments,
@@ -48,15 +51,32 @@ from lit_ft.data.sources import (
 )
 
 if TYPE_CHECKING:
-    from lit_ft.data.datamodule import InstructionDataModule, PretrainDataModule, SeededShuffleSampler
+    from lit_ft.data.embedded import EmbeddedWorld
+    from lit_ft.data.heldout import HeldOut, HeldOutItem
+    from lit_ft.data.instruction import InstructionDataModule, PretrainDataModule
+    from lit_ft.data.preference import PreferenceDataModule
+    from lit_ft.data.prompts import PromptDataModule
+    from lit_ft.data.records import RecordsDataModule, RecordSource, RecordSplits, SeededShuffleSampler
 
-_LAZY = {"InstructionDataModule", "PretrainDataModule", "SeededShuffleSampler"}
+_LAZY = {
+    "EmbeddedWorld": "lit_ft.data.embedded",
+    "HeldOut": "lit_ft.data.heldout",
+    "HeldOutItem": "lit_ft.data.heldout",
+    "InstructionDataModule": "lit_ft.data.instruction",
+    "PretrainDataModule": "lit_ft.data.instruction",
+    "PreferenceDataModule": "lit_ft.data.preference",
+    "PromptDataModule": "lit_ft.data.prompts",
+    "RecordSource": "lit_ft.data.records",
+    "RecordSplits": "lit_ft.data.records",
+    "RecordsDataModule": "lit_ft.data.records",
+    "SeededShuffleSampler": "lit_ft.data.records",
+}
 
 
 def __getattr__(name: str) -> Any:
     """Resolve the DataModule names on first use (PEP 562)."""
     if name in _LAZY:
-        return getattr(importlib.import_module("lit_ft.data.datamodule"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
@@ -67,7 +87,10 @@ __all__ = [
     "IGNORE_INDEX",
     "DataError",
     "DataStats",
+    "EmbeddedWorld",
     "ExampleStore",
+    "HeldOut",
+    "HeldOutItem",
     "InstructionDataModule",
     "Location",
     "OverlongResult",
@@ -75,11 +98,17 @@ __all__ = [
     "PackedDataset",
     "PaddedCollator",
     "PaddedDataset",
+    "PreferenceDataModule",
     "PretrainDataModule",
     "Prompt",
+    "PromptDataModule",
+    "RecordSource",
+    "RecordSplits",
+    "RecordsDataModule",
     "SeededShuffleSampler",
     "Segment",
     "detect_format",
+    "detect_prompt_format",
     "format_alpaca_prompt",
     "format_error",
     "format_prompt",

@@ -1,13 +1,12 @@
-"""Preference pairs for reward modelling: datasets, batches, the embedded pairs and the DataModule.
+"""Preference pairs for reward modelling: datasets, batches and the DataModule.
 
 Records become token pairs in :mod:`lit_ft.data.preference_formats` (formats, HH transcripts, truncation); this
-module stores them, batches B pairs as 2B rows (chosen rows first, then rejected rows) and builds the embedded
-pairs from the SFT tasks of :mod:`lit_ft.data.synthetic`, labelled by the gold judge of :mod:`lit_ft.data.gold`.
+module stores them and batches B pairs as 2B rows (chosen rows first, then rejected rows). The embedded pairs come
+from :class:`lit_ft.data.embedded.EmbeddedWorld`.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lit_ft.data.datamodule import InstructionDataModule, _progress
 from lit_ft.data.formats import IGNORE_INDEX
-from lit_ft.data.gold import PAIR_KINDS, gold_pair_records, near_miss
 from lit_ft.data.packing import ExampleStore
 from lit_ft.data.preference_formats import (
     PREFERENCE_FORMATS,
@@ -33,8 +30,8 @@ from lit_ft.data.preference_formats import (
     tokenize_pair,
     truncate_pair,
 )
+from lit_ft.data.records import BuiltSplit, RecordsDataModule, RecordSource, progress
 from lit_ft.data.sources import DataError, Location
-from lit_ft.data.synthetic import Fact, generate_facts, split_facts
 from lit_ft.padding import pad_rows, position_ids_from_mask
 
 PADDING_SIDES = ("right", "left")
@@ -52,10 +49,8 @@ __all__ = [
     "detect_preference_format",
     "encode_prompt_response",
     "hh_turns",
-    "near_miss",
     "pair_stats",
     "parse_hh",
-    "preference_records",
     "prompt_messages",
     "resolve_preference_format",
     "split_shared_prompt",
@@ -121,7 +116,7 @@ def build_pairs(records: Sequence[dict], locations: Sequence[Location], tokenize
     """Tokenize, drop (identical, empty, too long) and truncate the pairs of one split."""
     kept: list[PreferencePair] = []
     counts = {"identical": 0, "empty": 0, "too_long": 0, "prompts_cut": 0}
-    for record, location in _progress(list(records), list(locations), name):
+    for record, location in progress(list(records), list(locations), name):
         try:
             pair = tokenize_pair(record, tokenizer, format, chat_template, location)
         except EmptyResponse:
@@ -188,43 +183,24 @@ class PreferenceCollator:
                 "margin": margin}
 
 
-# --------------------------------------------------------------------------------------------- embedded pairs
-def preference_records(facts: Sequence[Fact], seed: int, rejected_per_fact: int = 1) -> list[dict]:
-    """Bare-answer near-miss pairs (``instruction``, ``input``, ``chosen``, ``rejected``, ``task``): the right
-    answer over a plausible wrong one; with ``rejected_per_fact`` > 1, several distinct wrong answers per fact.
-    (The embedded reward model trains on :func:`lit_ft.data.gold.gold_pair_records` instead.)
-    """
-    rng = random.Random(seed)
-    records = []
-    for fact in facts:
-        wrong: list[str] = []
-        for _ in range(4 * rejected_per_fact):
-            candidate = near_miss(fact, rng)
-            if candidate not in wrong and candidate != fact.answer:
-                wrong.append(candidate)
-            if len(wrong) == rejected_per_fact:
-                break
-        records += [{"instruction": fact.question, "input": "", "chosen": fact.answer, "rejected": w,
-                     "task": fact.task} for w in wrong]
-    return records
-
-
 # ------------------------------------------------------------------------------------------------ DataModule
-class PreferenceDataModule(InstructionDataModule):
-    """Preference pairs for the reward model: a file or hub dataset, or the embedded pairs when ``source`` is None.
+class PreferenceDataModule(RecordsDataModule):
+    """Preference pairs for the reward model: a file, a hub dataset, or the embedded world's pairs.
 
     Batches hold B pairs as 2B rows (chosen rows, then rejected rows) with ``attention_mask``, ``position_ids``
     and ``margin``. The training order is a seeded shuffle that resumes exactly from a checkpoint.
 
     Args:
         source: local file (.json, .jsonl, .json.gz, .jsonl.gz, .parquet), datasets-loadable directory or hub id
-            (e.g. ``Anthropic/hh-rlhf``). None uses the embedded pairs built from the SFT tasks.
+            (e.g. ``Anthropic/hh-rlhf``), or a record source (``lit_ft.data.embedded.EmbeddedWorld``: pairs of the
+            SFT facts, chosen the right answer, rejected a near miss; its ``pairs`` settings choose how many).
         format: auto (detect from the first record), alpaca, prompt, chat or hh.
         split: split of a hub dataset or directory to train on.
         val_source: separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
         val_split: split of ``val_source`` (default: ``split``); ``test`` for ``Anthropic/hh-rlhf``.
         val_split_fraction: fraction of ``source`` held out for validation when there is no ``val_source``.
-        max_seq_length: longest sequence (prompt + one response) in tokens; prompts are cut from the left to fit.
+        max_seq_length: longest sequence (prompt + one response) in tokens; prompts are cut from the left to fit
+            (1024: HH conversations fit whole, with rare exceptions).
         padding_side: "right" (default) or "left"; the reward is read at each row's last real token either way.
         micro_batch_size: pairs per batch on each device (2x rows).
         num_workers: DataLoader worker processes.
@@ -232,23 +208,13 @@ class PreferenceDataModule(InstructionDataModule):
         max_examples: use only the first this many records of ``source`` (or embedded training pairs).
         chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces ``[INST] ... [/INST]``.
         subset: configuration name of a hub dataset.
-        num_train: embedded SFT-train facts (2000: must match the SFT stage's ``EmbeddedTasks``).
-        num_heldout: embedded held-out facts, one pair of each kind each (200: must match ``EmbeddedTasks``).
-        world_seed: seed of the embedded world (1234: must match the SFT stage and the pre-trained base).
-        pair_kinds: the gold-labelled comparisons made for every embedded fact, training and held-out alike
-            (:data:`lit_ft.data.gold.PAIR_KINDS`): ``style`` (preferred-style correct answer over another style),
-            ``correctness`` (a correct answer over a near miss, one style) and ``cross`` (a correct answer in
-            another style over a near miss in the preferred style: correctness outweighs the style).
-        extra_facts: fresh embedded facts added to the training pairs (never a held-out question), so that the
-            reward model learns to check answers rather than to remember the SFT facts.
-        tokenizer: tokenizer to use; None takes the LightningModule's.
     """
 
-    resolve_record_format = staticmethod(resolve_preference_format)
+    shape = "preference"
 
     def __init__(
         self,
-        source: str | None = None,
+        source: str | RecordSource | None = None,
         format: str = "auto",
         split: str = "train",
         val_source: str | None = None,
@@ -262,34 +228,19 @@ class PreferenceDataModule(InstructionDataModule):
         max_examples: int | None = None,
         chat_template: str | None = None,
         subset: str | None = None,
-        num_train: int = 2000,
-        num_heldout: int = 200,
-        world_seed: int = 1234,
-        pair_kinds: list[str] | None = None,
-        extra_facts: int = 0,
-        tokenizer: Any = None,
     ):
-        super().__init__(source=source, format="auto", split=split, val_source=val_source,
-                         val_split_fraction=val_split_fraction, max_seq_length=max_seq_length, packing=False,
-                         micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed,
-                         max_examples=max_examples, chat_template=chat_template, subset=subset,
-                         val_split=val_split, tokenizer=tokenizer)
+        super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
+                         val_split_fraction=val_split_fraction, subset=subset, max_examples=max_examples,
+                         chat_template=chat_template, micro_batch_size=micro_batch_size, num_workers=num_workers,
+                         seed=seed)
         if format != "auto" and format not in PREFERENCE_FORMATS:
             raise DataError(f"unknown preference format '{format}' (expected auto, {', '.join(PREFERENCE_FORMATS)})")
         if padding_side not in PADDING_SIDES:
             raise DataError(f"padding_side must be 'right' or 'left', got '{padding_side}'")
-        unknown = sorted(set(pair_kinds or ()) - set(PAIR_KINDS))
-        if unknown or pair_kinds == []:
-            raise DataError(f"data.pair_kinds: expected some of {', '.join(PAIR_KINDS)}, got {pair_kinds}")
-        self.format = format
+        if max_seq_length < 2:
+            raise DataError(f"max_seq_length must be >= 2, got {max_seq_length}")
+        self.max_seq_length = max_seq_length
         self.padding_side = padding_side
-        self.num_train = num_train
-        self.num_heldout = num_heldout
-        self.world_seed = world_seed
-        self.pair_kinds = list(pair_kinds or PAIR_KINDS)
-        self.extra_facts = extra_facts
-        self.stats_train: PairStats | None = None
-        self.stats_val: PairStats | None = None
 
     @property
     def prompt_format(self) -> str | None:
@@ -298,26 +249,18 @@ class PreferenceDataModule(InstructionDataModule):
             return None
         return "alpaca" if self.train_format == "alpaca" else "chat"
 
-    def embedded_records(self) -> tuple[list[dict], list[dict]]:
-        """Gold-labelled pairs from the SFT tasks, with SFT's train/held-out split of the facts."""
-        train, heldout = split_facts(self.world_seed, self.num_train, self.num_heldout)
-        if self.extra_facts:  # fresh facts of the same tasks; never a held-out question
-            seen = {f.question for f in train + heldout}
-            train = train + [f for f in generate_facts(self.extra_facts, self.world_seed + 11) if f.question not in seen]
-        return (gold_pair_records(train, self.world_seed + 7, self.pair_kinds),
-                gold_pair_records(heldout, self.world_seed + 8, self.pair_kinds))
+    def build(self, name: str, records: list[dict], locations: list[Location]) -> BuiltSplit:
+        """Tokenize the pairs (the format detected from the first record), dropping and counting the unusable."""
+        fmt = self.format
+        if fmt == "auto" and records:
+            fmt = resolve_preference_format("auto", records[0], locations[0])
+        pairs, stats = build_pairs(records, locations, self.tokenizer, fmt, self.max_seq_length, self.chat_template,
+                                   name)
+        if name == "train" and not pairs:
+            raise DataError(f"no usable training pairs ({stats.dropped} of {len(records)} dropped: {stats.identical} "
+                            f"identical, {stats.empty} empty, {stats.too_long} too long for "
+                            f"max_seq_length={self.max_seq_length})", self.source_label)
+        return BuiltSplit(PreferenceDataset(pairs), stats, fmt)
 
-    def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
-               tokenizer: Any) -> tuple[Dataset, PairStats]:
-        pairs, stats = build_pairs(records, locations, tokenizer, fmt, self.max_seq_length, self.chat_template, name)
-        return PreferenceDataset(pairs), stats
-
-    def _nothing_usable(self, stats: PairStats, records: int) -> str:
-        return (f"no usable training pairs ({stats.dropped} of {records} dropped: {stats.identical} identical, "
-                f"{stats.empty} empty, {stats.too_long} too long for max_seq_length={self.max_seq_length})")
-
-    def _collator(self) -> PreferenceCollator:
+    def collator(self) -> PreferenceCollator:
         return PreferenceCollator(pad_token_id=self.pad_token_id(), padding_side=self.padding_side)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "format": self.train_format, "max_seq_length": self.max_seq_length}

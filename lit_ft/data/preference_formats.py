@@ -28,7 +28,8 @@ stays), the same number for both sides, since the prompt is shared. A response i
 response does not fit even after BOS alone, the pair is dropped and counted (cutting one response's end could
 remove exactly what makes it worse; cutting both to one length makes the pair compare truncated texts).
 Pairs whose two responses are identical after formatting, and pairs with an empty assistant turn, are dropped
-and counted too.
+and counted too. An empty prompt (instruction, prompt, or user turn) is an error naming the file, line and field,
+the same rule as for SFT data.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lit_ft.data.formats import IGNORE_INDEX, resolve_format, string_field, tokenize_record, validate_messages
+from lit_ft.data.formats import (
+    EMPTY_PROMPT,
+    IGNORE_INDEX,
+    resolve_format,
+    string_field,
+    tokenize_record,
+    validate_messages,
+)
 from lit_ft.data.sources import DataError, Location
 
 PREFERENCE_FORMATS = ("alpaca", "prompt", "chat", "hh")
@@ -63,7 +71,8 @@ def hh_turns(text: str) -> tuple[str, list[tuple[str, str]]]:
 def parse_hh(text: str, location: Location | None = None, field: str | None = None) -> list[dict[str, str]]:
     """HH transcript -> chat messages (Human -> user, Assistant -> assistant), contents stripped.
 
-    Consecutive turns of one speaker are joined with a blank line, so that roles alternate.
+    Consecutive turns of one speaker are joined with a blank line, so that roles alternate. An empty Human turn is
+    an empty prompt, an error as in every format.
     """
     lead, turns = hh_turns(text)
     if lead.strip() or not turns:
@@ -76,6 +85,8 @@ def parse_hh(text: str, location: Location | None = None, field: str | None = No
             messages[-1]["content"] = f"{messages[-1]['content']}\n\n{content}".strip()
         else:
             messages.append({"role": role, "content": content})
+    if any(m["role"] == "user" and not m["content"] for m in messages):
+        raise DataError(f"{EMPTY_PROMPT} (a Human turn is empty)", location, field)
     return messages
 
 
@@ -133,13 +144,18 @@ def _margin(record: dict, location: Location | None) -> float:
 
 
 def prompt_messages(prompt: Any, location: Location | None = None, field: str = "prompt") -> list[dict[str, str]]:
-    """A prompt as chat messages: a plain string is one user turn, an HH-form string its turns, a list as is."""
+    """A prompt as chat messages: a plain string is one user turn, an HH-form string its turns, a list as is.
+
+    An empty prompt (or user turn) is a :class:`DataError` naming the field, as in SFT data.
+    """
     if isinstance(prompt, str):
         if prompt.lstrip(" ").startswith(("\n\nHuman:", "Human:")):
             messages = parse_hh("\n\n" + prompt.lstrip(" \n"), location, field)
             if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
                 messages.pop()  # the trailing "\n\nAssistant:" marker the response follows
             return messages
+        if not prompt.strip():
+            raise DataError(EMPTY_PROMPT, location, field)
         return [{"role": "user", "content": prompt}]
     messages = _messages(prompt, location, field)
     if messages[-1]["role"] != "user":
@@ -221,7 +237,7 @@ def encode_prompt_response(prompt: str | list[dict[str, str]], response: str | l
 def pair_parts(record: dict, fmt: str, location: Location | None) -> tuple[Any, Any, Any, str | None]:
     """(prompt, chosen, rejected, alpaca input) of a record, validated; chat parts are message lists."""
     if fmt == "alpaca":
-        instruction = string_field(record, "instruction", location, non_empty=True)
+        instruction = string_field(record, "instruction", location, non_empty=True, what=EMPTY_PROMPT)
         return (instruction, string_field(record, "chosen", location), string_field(record, "rejected", location),
                 string_field(record, "input", location, required=False))
     if fmt == "prompt":

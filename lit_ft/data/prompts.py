@@ -1,10 +1,10 @@
-"""Prompts for PPO: the prompt side of instruction or preference data, left-padded for generation.
+"""Prompts for PPO: the prompt side of instruction, prompt-only or preference data, left-padded for generation.
 
-The same sources as SFT and the reward model (a local file, a hub dataset id, or the embedded tasks), and the
-same rendering: an instruction record gives the prompt SFT trained on (:func:`lit_ft.data.formats.format_prompt`),
-a preference record gives the shared prompt of its pair (:func:`lit_ft.data.preference_formats.tokenize_pair`).
-Where a record carries an answer (Alpaca ``output``, a chat's last assistant turn, a completion), it becomes the
-prompt's ``reference``; programmatic rewards such as exact match read it.
+The same sources as SFT and the reward model (a local file, a hub dataset id, or the embedded world), and the
+same rendering (:func:`lit_ft.data.prompt_formats.record_prompt`): an instruction record gives the prompt SFT
+trained on, a prompt-only record (``instruction`` or ``prompt`` alone) its prompt, a preference record the shared
+prompt of its pair. Where a record carries an answer (Alpaca ``output``, a chat's last assistant turn, a
+completion), it becomes the prompt's ``reference``; programmatic rewards such as exact match read it.
 
 Batches are ``input_ids`` and ``attention_mask`` (left padding: every prompt ends in the last column, where
 generation continues) plus ``index``, the position of each prompt in :attr:`PromptDataModule.train_prompts`.
@@ -18,52 +18,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lit_ft.data.datamodule import InstructionDataModule, _progress
-from lit_ft.data.formats import FORMATS, Prompt, format_prompt
-from lit_ft.data.preference_formats import PREFERENCE_FORMATS, pair_parts, resolve_preference_format
+from lit_ft.data.formats import Prompt
+from lit_ft.data.prompt_formats import PROMPT_FORMATS, cut_prompt, record_prompt, record_task
+from lit_ft.data.records import BuiltSplit, RecordsDataModule, RecordSource, progress
 from lit_ft.data.sources import DataError, Location
-from lit_ft.data.synthetic import TASKS, Fact, instruction_records, split_facts
 from lit_ft.padding import pad_rows
 
-PROMPT_FORMATS = tuple(dict.fromkeys(f for f in FORMATS + PREFERENCE_FORMATS if f != "text"))
-
-
-def record_prompt(record: dict, tokenizer: Any, format: str = "auto", chat_template: str | None = None,
-                  location: Location | None = None) -> Prompt:
-    """The prompt of an instruction record, or the shared prompt of a preference record (``chosen``/``rejected``)."""
-    if "chosen" in record and "rejected" in record:
-        fmt = resolve_preference_format(format if format in PREFERENCE_FORMATS else "auto", record, location)
-        prompt, _, _, alpaca_input = pair_parts(record, fmt, location)
-        if alpaca_input is not None:
-            return format_prompt({"instruction": prompt, "input": alpaca_input}, tokenizer, "alpaca", None, location)
-        rendered = format_prompt({"messages": prompt}, tokenizer, "chat", chat_template, location)
-        return Prompt(rendered.text, rendered.input_ids, None)  # the chosen answer is not a reference
-    return format_prompt(record, tokenizer, format if format in FORMATS else "auto", chat_template, location)
-
-
-def cut_prompt(ids: list[int], max_length: int) -> list[int]:
-    """Keep the end of an overlong prompt (the question), and its first token (BOS)."""
-    if len(ids) <= max_length:
-        return ids
-    return ids[:1] + ids[len(ids) - (max_length - 1):]
-
-
-def _task(record: Any) -> str | None:
-    task = record.get("task") if isinstance(record, dict) else None
-    return str(task) if task is not None else None
-
-
-def balanced_by_task(facts: list[Fact]) -> list[Fact]:
-    """Each task family's facts repeated (whole copies, then a leading part) up to the largest family's count,
-    grouped by family in order of first appearance (the sampler shuffles them)."""
-    families: dict[str, list[Fact]] = {}
-    for fact in facts:
-        families.setdefault(fact.task, []).append(fact)
-    target = max((len(group) for group in families.values()), default=0)
-    out: list[Fact] = []
-    for group in families.values():
-        out += [group[i % len(group)] for i in range(target)]
-    return out
+__all__ = ["PROMPT_FORMATS", "LeftPadCollator", "PromptDataModule", "PromptDataset", "PromptStats", "cut_prompt",
+           "record_prompt"]
 
 
 @dataclass
@@ -119,16 +81,18 @@ class LeftPadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index}
 
 
-class PromptDataModule(InstructionDataModule):
-    """Prompts for PPO from instruction or preference data; the embedded SFT tasks when ``source`` is None.
+class PromptDataModule(RecordsDataModule):
+    """Prompts for PPO from instruction, prompt-only or preference data, or the embedded world's tasks.
 
     The training prompts are shuffled per epoch with a seeded generator and resume exactly from a checkpoint.
-    The held-out prompts (``eval_prompts``) are what the PPO module scores before and after training.
+    The held-out prompts (:meth:`heldout`) are what the PPO module scores before and after training.
 
     Args:
         source: local file (.json, .jsonl, .json.gz, .parquet), datasets-loadable directory or hub id; instruction
-            records (Alpaca, chat, prompt/completion) or preference records (prompt/chosen/rejected, HH). None
-            uses the embedded tasks, whose answers are exactly checkable.
+            records (Alpaca, chat, prompt/completion), prompt-only records (``instruction`` or ``prompt`` alone) or
+            preference records (prompt/chosen/rejected, HH). Or a record source
+            (``lit_ft.data.embedded.EmbeddedWorld``: the SFT tasks, whose answers are exactly checkable; its
+            ``prompts`` settings choose the task families).
         format: auto (per record) or one of alpaca, chat, prompt_completion, prompt, hh.
         split: split of a hub dataset or directory.
         val_source: separate held-out prompts; when None, ``val_split_fraction`` of ``source`` is held out.
@@ -141,20 +105,13 @@ class PromptDataModule(InstructionDataModule):
         max_examples: use only the first this many training records.
         chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces ``[INST] ... [/INST]``.
         subset: configuration name of a hub dataset.
-        num_train: embedded SFT-train facts (2000: must match the SFT stage).
-        num_heldout: embedded held-out facts (200: must match the SFT stage; never trained on).
-        world_seed: seed of the embedded world (1234: must match the SFT stage and the base).
-        tasks: embedded task families the training prompts come from (None: all); the held-out prompts keep
-            every family, so exact match stays comparable with the SFT stage's. Embedded tasks only.
-        balance_tasks: repeat each embedded family's training prompts up to the largest family's count, so each
-            family is equally likely in a rollout batch (add and successor have under 100 distinct questions,
-            the other families ~450). Embedded tasks only.
-        tokenizer: tokenizer to use; None takes the LightningModule's.
     """
+
+    shape = "prompt"
 
     def __init__(
         self,
-        source: str | None = None,
+        source: str | RecordSource | None = None,
         format: str = "auto",
         split: str = "train",
         val_source: str | None = None,
@@ -167,74 +124,29 @@ class PromptDataModule(InstructionDataModule):
         max_examples: int | None = None,
         chat_template: str | None = None,
         subset: str | None = None,
-        num_train: int = 2000,
-        num_heldout: int = 200,
-        world_seed: int = 1234,
-        tasks: list[str] | None = None,
-        balance_tasks: bool = False,
-        tokenizer: Any = None,
     ):
-        super().__init__(source=source, format="auto", split=split, val_source=val_source,
-                         val_split_fraction=val_split_fraction, max_seq_length=max_prompt_length, packing=False,
-                         micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed,
-                         max_examples=max_examples, chat_template=chat_template, subset=subset,
-                         val_split=val_split, tokenizer=tokenizer)
+        super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
+                         val_split_fraction=val_split_fraction, subset=subset, max_examples=max_examples,
+                         chat_template=chat_template, micro_batch_size=micro_batch_size, num_workers=num_workers,
+                         seed=seed)
         if format != "auto" and format not in PROMPT_FORMATS:
             raise DataError(f"unknown prompt format '{format}' (expected auto, {', '.join(PROMPT_FORMATS)})")
         if max_prompt_length < 2:
             raise DataError(f"max_prompt_length must be at least 2, got {max_prompt_length}")
-        self.format = format
         self.max_prompt_length = max_prompt_length
-        self.num_train = num_train
-        self.num_heldout = num_heldout
-        self.world_seed = world_seed
-        unknown = sorted(set(tasks or ()) - set(TASKS))
-        if unknown:
-            raise DataError(f"unknown embedded task(s) {', '.join(unknown)} (expected some of {', '.join(TASKS)})")
-        self.tasks = list(tasks) if tasks else None
-        self.balance_tasks = balance_tasks
-        if source is not None and (self.tasks or balance_tasks):
-            raise DataError("tasks and balance_tasks choose families of the embedded tasks; set them to null and "
-                            f"false with source={source!r}")
-
-    @property
-    def checkable_answers(self) -> bool:
-        """True for the embedded tasks: every prompt has one exactly checkable answer."""
-        return self.source is None
 
     @property
     def train_prompts(self) -> list[Prompt]:
+        """The training prompts, indexed by a batch's ``index``."""
         return self.train_dataset.prompts if self.train_dataset is not None else []
 
-    @property
-    def eval_prompts(self) -> list[Prompt]:
-        return self.val_dataset.prompts if self.val_dataset is not None else []
-
-    @property
-    def eval_tasks(self) -> list[str | None]:
-        """The task family of each held-out prompt (None where the records name none)."""
-        return self.val_dataset.tasks if self.val_dataset is not None else []
-
-    def embedded_records(self) -> tuple[list[dict], list[dict]]:
-        train, heldout = split_facts(self.world_seed, self.num_train, self.num_heldout)
-        if self.tasks is not None:
-            train = [f for f in train if f.task in self.tasks]
-        if self.balance_tasks:
-            train = balanced_by_task(train)
-        return instruction_records(train), instruction_records(heldout)
-
-    def _resolve_format(self, records: list[dict], locations: list[Location]) -> str:
-        return self.format  # resolved per record: instruction and preference records may mix
-
-    def _nothing_usable(self, stats: PromptStats, records: int) -> str:
-        return f"no usable prompts in {records} records"
-
-    def _build(self, name: str, records: list[dict], locations: list[Location], fmt: str,
-               tokenizer: Any) -> tuple[PromptDataset, PromptStats]:
+    def build(self, name: str, records: list[dict], locations: list[Location]) -> BuiltSplit:
+        """Render each record's prompt (its format resolved per record: instruction and preference records may
+        mix), cut from the left to ``max_prompt_length``."""
         prompts: list[Prompt] = []
         cut = 0
-        for record, location in _progress(records, locations, name):
-            prompt = record_prompt(record, tokenizer, fmt, self.chat_template, location)
+        for record, location in progress(records, locations, name):
+            prompt = record_prompt(record, self.tokenizer, self.format, self.chat_template, location)
             ids = cut_prompt(prompt.input_ids, self.max_prompt_length)
             cut += len(ids) < len(prompt.input_ids)
             prompts.append(Prompt(prompt.text, ids, prompt.reference))
@@ -242,10 +154,9 @@ class PromptDataModule(InstructionDataModule):
         stats = PromptStats(name, len(records), len(prompts), cut=cut,
                             with_reference=sum(p.reference is not None for p in prompts),
                             length_mean=sum(lengths) / max(1, len(lengths)), length_max=max(lengths, default=0))
-        return PromptDataset(prompts, [_task(record) for record in records]), stats
+        if name == "train" and not prompts:
+            raise DataError(f"no usable prompts in {len(records)} records", self.source_label)
+        return BuiltSplit(PromptDataset(prompts, [record_task(record) for record in records]), stats, self.format)
 
-    def _collator(self) -> LeftPadCollator:
+    def collator(self) -> LeftPadCollator:
         return LeftPadCollator(self.pad_token_id())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "format": self.format, "max_prompt_length": self.max_prompt_length}

@@ -17,8 +17,15 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return targets != IGNORE_INDEX, targets
 
 
+# 1024 rows: a chunk's logits then take 1024 x vocab x 6 bytes at most (fp32 log-softmax + its compute-dtype
+# copy): 188 MiB for Mistral's 32k vocabulary, where 4096 rows took 4x that; a 1024 x h x vocab matmul still keeps
+# a GPU's tensor cores busy (docs/memory.md measures the lever).
+DEFAULT_CHUNK_SIZE = 1024
+
+
 def supervised_token_loss(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = 4096, fused: bool = True
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over supervised tokens, projecting only those positions through the output head.
 
@@ -56,10 +63,13 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, gradients computed in forward.
 
-    Per chunk of rows: logits, log-sum-exp, the loss, then ``softmax - one_hot`` (in place over the logits) times
-    the weight gives the gradient of the hidden states (and its transpose times the hidden states the weight's,
-    when the head trains). Backward only scales the stored gradients by the incoming scalar. The FLOPs are
-    those of an ordinary forward and backward; the memory is one chunk of logits instead of all of them.
+    Per chunk of rows: logits in the compute dtype (that of the matmul: bf16 under autocast or with a bf16 head),
+    widened to fp32 for the log-sum-exp and the loss, then ``softmax - one_hot`` in place over the fp32 logits,
+    narrowed back to the compute dtype for the matmul with the weight that gives the hidden states' gradient (and,
+    when the head trains, its transpose times the hidden states gives the weight's, accumulated in fp32). At most
+    one chunk's fp32 logits and one compute-dtype copy exist at a time; the hidden states' gradient is kept in
+    their own dtype. Backward only scales the stored gradients by the incoming scalar. The FLOPs are those of an
+    ordinary forward and backward; the memory is one chunk of logits instead of all of them.
     """
 
     @staticmethod
@@ -74,17 +84,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = _at_least_fp32(F.linear(h, weight, bias))
+            logits = F.linear(h, weight, bias)
+            compute = logits.dtype
+            logits = logits.to(accumulate)  # a copy only when the matmul ran narrower; the narrow one is freed
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-            if want_hidden:
-                grad_hidden[start : start + chunk_size] = grad_logits.to(weight.dtype) @ weight
+            logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            logits[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
             if want_weight:
-                grad_weight += grad_logits.T @ h.to(accumulate)
+                grad_weight += logits.T @ h.to(accumulate)
             if want_bias:
-                grad_bias += grad_logits.sum(0)
+                grad_bias += logits.sum(0)
+            if want_hidden:  # narrowed (the fp32 copy freed) for the matmul, which autocast would narrow anyway
+                grad_hidden[start : start + chunk_size] = logits.to(compute) @ weight
+            del logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         return total

@@ -1,4 +1,4 @@
-"""Advantages and the masked statistics behind them, shared by PPO and the group-relative methods.
+"""Advantages and the masked statistics behind them: GAE for PPO, group-relative advantages for GRPO and RLOO.
 
 Conventions used throughout:
 
@@ -12,6 +12,9 @@ Conventions used throughout:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -106,3 +109,91 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_residual = masked_var(returns - values, mask)
     safe = torch.where(var_returns > 0, var_returns, torch.ones_like(var_returns))
     return torch.where(var_returns > 0, 1.0 - var_residual / safe, torch.zeros_like(var_returns))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Group-relative advantages (GRPO, Dr. GRPO, RLOO): G samples per prompt, one reward per sample
+# --------------------------------------------------------------------------------------------------------
+
+# Conventions: ``rewards`` are ``(N,)`` with N = prompts x G, prompt-major (row b * G + g is sample g of prompt b,
+# as lit_ft.rl.rollout.sample(num_samples=G) returns them); advantages are ``(N,)``, one per sequence, and the
+# losses broadcast them over the sequence's tokens.
+
+AdvantageBaseline = Literal["group_mean", "leave_one_out"]
+RewardScale = Literal["group", "batch", "none"]
+
+
+def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """An ``(N,)`` prompt-major tensor as ``(N / G, G)``: one row per prompt."""
+    if group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(f"{x.shape[0]} samples do not split into groups of {group_size}")
+    return x.reshape(-1, group_size)
+
+
+def group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(N / G,)`` Bessel-corrected standard deviation of each group's rewards (TRL's ``nanstd`` per group)."""
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 samples, got {group_size}")
+    return grouped(_f(rewards), group_size).std(dim=1, unbiased=True)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, baseline: AdvantageBaseline = "group_mean",
+                     scale: RewardScale = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Each sample's reward against its group's, ``(N,) -> (N,)``, without gradient.
+
+    * GRPO (Shao et al. 2024, DeepSeekMath): ``baseline="group_mean", scale="group"``:
+      A_i = (r_i - mean_g) / (std_g + eps).
+    * Dr. GRPO (Liu et al. 2025): ``scale="none"``: A_i = r_i - mean_g (dividing by the std up-weights
+      prompts whose rewards barely differ: too easy or too hard).
+    * RLOO (Ahmadian et al. 2024): ``baseline="leave_one_out"``: A_i = r_i - mean of the other G - 1 rewards
+      = G / (G - 1) * (r_i - mean_g); usually with ``scale="none"``.
+
+    ``scale="batch"`` divides by the std of all N rewards instead (PPO-Lite). TRL's conventions, kept: the std
+    is Bessel-corrected, ``eps`` (1e-4, TRL's) is added to the std rather than under the square root, and the
+    values of ``scale`` are TRL's ``scale_rewards``.
+    """
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 samples, got {group_size}")
+    rewards = _f(rewards.detach())
+    groups = grouped(rewards, group_size)
+    if baseline == "group_mean":
+        centred = groups - groups.mean(dim=1, keepdim=True)
+    elif baseline == "leave_one_out":
+        centred = groups - (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}; choose 'group_mean' or 'leave_one_out'")
+    if scale == "group":
+        centred = centred / (groups.std(dim=1, unbiased=True, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std(unbiased=True) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scale {scale!r}; choose 'group', 'batch' or 'none'")
+    return centred.reshape(-1)
+
+
+@dataclass
+class GroupRewardStats:
+    """Rewards of a batch of groups, for logging.
+
+    Attributes:
+        mean: ``(N / G,)`` each group's mean reward.
+        std: ``(N / G,)`` each group's Bessel-corrected reward std.
+        zero_signal: the share of groups in which every sample got the same reward (to within ``atol``): their
+            advantages are 0 and they teach nothing (TRL logs it as ``frac_reward_zero_std``).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    zero_signal: float
+
+
+def group_reward_stats(rewards: torch.Tensor, group_size: int, atol: float = 0.0) -> GroupRewardStats:
+    """Per-group reward mean and std, and the share of groups without signal.
+
+    A group has no signal when max - min <= ``atol`` (0: exactly equal, as programmatic rewards are; TRL tests
+    ``isclose(std, 0)``, i.e. std <= 1e-8, which the same rewards pass).
+    """
+    groups = grouped(_f(rewards.detach()), group_size)
+    spread = groups.amax(dim=1) - groups.amin(dim=1)
+    return GroupRewardStats(groups.mean(dim=1), group_std(rewards.detach(), group_size),
+                            float((spread <= atol).float().mean()))

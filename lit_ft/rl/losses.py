@@ -1,5 +1,5 @@
-"""Policy-gradient losses and per-token rewards: the clipped PPO objective, the clipped value loss, entropy and
-log-probs from logits.
+"""Policy-gradient losses and per-token rewards: the clipped PPO objective, the clipped value loss, the
+group-relative objective with its three normalisations (GRPO, DAPO, Dr. GRPO), entropy and log-probs from logits.
 
 Conventions used throughout:
 
@@ -7,18 +7,21 @@ Conventions used throughout:
   these functions are called); ``logits`` are ``(B, T, V)``.
 * ``mask`` is a float or bool ``(B, T)`` tensor: 1 at real response tokens, 0 after the response ended
   (padding). Responses are right-padded, i.e. each row's real tokens form a prefix.
-* ``scores`` are per-sequence rewards ``(B,)`` from the reward model.
+* ``scores`` are per-sequence rewards ``(B,)`` from the reward model; group advantages are ``(B,)`` too.
 * Math is done in at least float32 (bf16/fp16 inputs are upcast); float64 inputs stay float64.
 * Reductions over an empty mask return 0 rather than NaN, so a degenerate batch cannot poison a loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from lit_ft.padding import last_token_index
 from lit_ft.rl.advantages import _apply, _f, _m, masked_mean
-from lit_ft.rl.kl import kl_penalty
+from lit_ft.rl.kl import KLEstimator, kl_penalty
 
 # --------------------------------------------------------------------------------------------------------
 # Rewards
@@ -57,6 +60,28 @@ def eos_penalty(scores: torch.Tensor, ended_with_eos: torch.Tensor, penalty: flo
 # --------------------------------------------------------------------------------------------------------
 
 
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      clip_range: float, clip_range_high: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-token clipped objective, to minimise: max(-A * ratio, -A * clamp(ratio, 1 - c_low, 1 + c_high)).
+
+    ``ratio = exp(logprobs - old_logprobs)``; ``advantages`` are ``(B, T)`` (PPO) or ``(B,)`` (one per sequence,
+    broadcast over its tokens, as GRPO's). ``clip_range_high`` None clips symmetrically; DAPO's "clip-higher" sets
+    it above ``clip_range`` (TRL's ``epsilon`` / ``epsilon_high``). Returns ``(loss, clipped, log_ratio)``, all
+    ``(B, T)`` and unmasked: ``clipped`` (detached) is where the clipped term is strictly larger, i.e. active.
+    """
+    logprobs = _f(logprobs)
+    log_ratio = logprobs - _f(old_logprobs.detach())
+    ratio = torch.exp(log_ratio)
+    adv = _f(advantages.detach())
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    high = clip_range if clip_range_high is None else clip_range_high
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).detach(), log_ratio
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate: masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c))).
@@ -64,15 +89,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Returns ``(loss, clipfrac, approx_kl)``: clipfrac is the fraction of real tokens where the clipped term is
     strictly larger (i.e. active), approx_kl is masked_mean(0.5 * (logp - old)^2); both are detached.
     """
-    logprobs = _f(logprobs)
-    log_ratio = logprobs - _f(old_logprobs.detach())
-    ratio = torch.exp(log_ratio)
-    adv = _f(advantages.detach())
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token, clipped, log_ratio = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
+        clipfrac = masked_mean(clipped.to(per_token.dtype), mask)
         approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return loss, clipfrac, approx_kl
 
@@ -96,6 +116,92 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     with torch.no_grad():
         clipfrac = masked_mean((err_clipped > err).to(values.dtype), mask)
     return loss, clipfrac
+
+
+# --------------------------------------------------------------------------------------------------------
+# Group-relative policy loss (GRPO, DAPO, Dr. GRPO): one advantage per sequence, no value head
+# --------------------------------------------------------------------------------------------------------
+
+LossNormalisation = Literal["grpo", "dapo", "dr_grpo"]
+
+
+def normalise_token_loss(per_token: torch.Tensor, mask: torch.Tensor, normalisation: LossNormalisation,
+                         max_completion_length: int | None = None, num_sequences: int | None = None,
+                         num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce a ``(B, T)`` per-token loss to a scalar over the real tokens (``mask``); names are TRL's ``loss_type``.
+
+    * ``"grpo"``: each sequence's mean over its tokens, then the mean over sequences (GRPO; a token of a short
+      response weighs more than one of a long response).
+    * ``"dapo"``: the sum over all tokens / the number of tokens (DAPO, Yu et al. 2025; every token weighs the same).
+    * ``"dr_grpo"``: the sum over all tokens / (sequences x ``max_completion_length``), a constant (Dr. GRPO).
+
+    A batch split into micro-batches passes the whole batch's ``num_sequences`` (grpo, dr_grpo) or ``num_tokens``
+    (dapo, TRL's ``num_items_in_batch``): then the micro-batch losses add up to the whole batch's loss. They
+    default to this call's own rows and real tokens (TRL's ``bnpo`` is ``"dapo"`` with the local count).
+    """
+    m = _m(mask, _f(per_token))
+    summed = _apply(_f(per_token), m)
+    sequences = per_token.shape[0] if num_sequences is None else num_sequences
+    if normalisation == "grpo":
+        return (summed.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(sequences, 1)
+    if normalisation == "dapo":
+        count = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=m.dtype, device=m.device)
+        return summed.sum() / count.clamp(min=1.0)
+    if normalisation == "dr_grpo":
+        if not max_completion_length or max_completion_length < 1:
+            raise ValueError("dr_grpo normalisation needs max_completion_length >= 1 (the sampler's max_new_tokens)")
+        return summed.sum() / (max(sequences, 1) * max_completion_length)
+    raise ValueError(f"unknown loss normalisation {normalisation!r}; choose 'grpo', 'dapo' or 'dr_grpo'")
+
+
+@dataclass
+class GroupPolicyLoss:
+    """What :func:`group_policy_loss` returns.
+
+    Attributes:
+        loss: scalar with gradient, the objective to minimise.
+        clipfrac: detached, the share of real tokens where the clip is active (TRL's ``clip_ratio/region_mean``).
+        kl: detached, the mean per-token KL estimate to the reference over real tokens (0 when beta is 0).
+    """
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+    kl: torch.Tensor
+
+
+def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip_range: float = 0.2, normalisation: LossNormalisation = "grpo",
+                      clip_range_high: float | None = None, ref_logprobs: torch.Tensor | None = None,
+                      beta: float = 0.0, kl_estimator: KLEstimator = "k3", max_completion_length: int | None = None,
+                      num_sequences: int | None = None,
+                      num_tokens: float | torch.Tensor | None = None) -> GroupPolicyLoss:
+    """The GRPO objective: the clipped surrogate per token, plus ``beta`` x the KL to the reference, reduced by
+    :func:`normalise_token_loss`.
+
+    Per token: max(-A * ratio, -A * clamp(ratio, 1 - c_low, 1 + c_high)) + beta * KL, with ``advantages`` ``(B,)``
+    (one per sequence) or ``(B, T)``. As in TRL's ``GRPOTrainer._compute_loss``, the KL is added to the per-token
+    loss before the normalisation (not to the reward, as PPO does).
+
+    Args:
+        clip_range: c_low (0.2: TRL's ``epsilon``, the PPO and GRPO papers' value).
+        normalisation: "grpo" (the GRPO paper's; TRL defaults to "dapo"), "dapo" or "dr_grpo".
+        clip_range_high: c_high; None for c_low (TRL's ``epsilon_high``; DAPO uses 0.28).
+        ref_logprobs: the reference's log-probs, needed only when ``beta`` > 0.
+        beta: KL coefficient (0.0: TRL's default; then no reference pass is needed).
+        kl_estimator: "k3" (TRL's: exp(ref - logp) - (ref - logp) - 1, non-negative) or "k1".
+        max_completion_length, num_sequences, num_tokens: see :func:`normalise_token_loss`.
+    """
+    per_token, clipped, _ = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range, clip_range_high)
+    kl = torch.zeros_like(per_token)
+    if beta:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs")
+        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        per_token = per_token + beta * kl
+    loss = normalise_token_loss(per_token, mask, normalisation, max_completion_length, num_sequences, num_tokens)
+    with torch.no_grad():
+        clipfrac, mean_kl = masked_mean(clipped.to(per_token.dtype), mask), masked_mean(kl.detach(), mask)
+    return GroupPolicyLoss(loss, clipfrac, mean_kl)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -25,17 +25,17 @@ from lit_ft.backbone import (
     BackboneModule,
     build_model,
     decoder_and_head,
-    keep_trainable_in_checkpoint,
     save_adapter,
     save_full_model,
 )
 from lit_ft.backbone.neftune import NEFTune
-from lit_ft.losses.lm import supervised_token_loss
+from lit_ft.losses.lm import DEFAULT_CHUNK_SIZE, supervised_token_loss
 from lit_ft.padding import example_lengths_from_attention_mask, example_lengths_from_position_ids
+from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
 
-class CausalLM(BackboneModule, L.LightningModule):
+class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
     """Causal language modelling on the shared backbone: SFT with LoRA, or pre-training with ``lora: null``.
 
     Args:
@@ -44,8 +44,8 @@ class CausalLM(BackboneModule, L.LightningModule):
             ``bitsandbytes.optim.AdamW8bit`` or ``bitsandbytes.optim.PagedAdamW`` are drop-in choices).
         scheduler: a callable making the LR scheduler from the optimiser (warm-up + cosine by default).
         neftune_alpha: NEFTune noise scale (0: off; 5 is the paper's usual value). Noise per packed example.
-        loss_chunk_size: supervised positions projected through the output head at once (4096 bounds the
-            logits buffer at 4096 x vocab floats).
+        loss_chunk_size: supervised positions projected through the output head at once (1024: lit_ft.losses.lm's
+            DEFAULT_CHUNK_SIZE, a 1024 x vocab logits buffer; docs/memory.md).
         export_dir: where to write the final adapter (PEFT format) or, without LoRA, the full model.
     """
 
@@ -55,7 +55,7 @@ class CausalLM(BackboneModule, L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = WarmupCosine,
         neftune_alpha: float = 0.0,
-        loss_chunk_size: int = 4096,
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
         export_dir: str | None = None,
     ):
         super().__init__()
@@ -68,7 +68,6 @@ class CausalLM(BackboneModule, L.LightningModule):
         self.export_dir = export_dir
         self._tokenizer = None
         self.model: torch.nn.Module | None = None
-        self.strict_loading = False  # checkpoints hold trainable parameters only, never the frozen base
         self.val_loss = MeanMetric()
         self._step_loss_sum = 0.0
         self._step_tokens = 0
@@ -78,9 +77,14 @@ class CausalLM(BackboneModule, L.LightningModule):
         """Build the model once (idempotent: Lightning may call this more than once)."""
         if self.model is not None:
             return
-        self.model = build_model(self.backbone, self.tokenizer, device_map=self.quantized_device_map())
+        self.model = build_model(self.load_spec(), self.tokenizer, device_map=self.quantized_device_map())
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes as found
         self.neftune.attach(self.model.get_input_embeddings())
+
+    @property
+    def stage(self) -> str:
+        """The run-record stage (:mod:`lit_ft.stages.run_contract`): pre-training trains every weight, SFT LoRA."""
+        return "sft" if self.backbone.lora is not None else "pretrain"
 
     @property
     def adapter_name(self) -> str | None:
@@ -152,15 +156,12 @@ class CausalLM(BackboneModule, L.LightningModule):
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
                                       self.trainer.estimated_stepping_batches)
 
-    # ------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable parameters: a 7B QLoRA checkpoint stays adapter-sized."""
-        keep_trainable_in_checkpoint(self, checkpoint)
-
+    # ------------------------------------------------------------ export
+    # (checkpoint hooks: CheckpointContract keeps trainable parameters only and checks a resume against the config)
     def export(self, directory: str) -> str:
         """Write the adapter in PEFT format, or the whole model when every parameter was trained."""
         if self.adapter_name is not None:
-            return str(save_adapter(self.model, directory, self.adapter_name, self.tokenizer))
+            return str(save_adapter(self.model, directory, self.adapter_name, self.tokenizer, self.base_record()))
         meta = {"stage": "pretrain", "global_step": self.global_step}
         return str(save_full_model(self.model, directory, self.tokenizer, metadata=meta))
 

@@ -39,11 +39,11 @@ from lit_ft.backbone import (
     active_adapter,
     add_adapter,
     build_model,
-    keep_trainable_in_checkpoint,
     load_adapter,
     save_adapter,
 )
 from lit_ft.data.formats import Prompt
+from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.errors import ConfigError
 from lit_ft.metrics import exact_match
 from lit_ft.padding import pad_rows, position_ids_from_mask
@@ -61,6 +61,7 @@ from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import Rollout, response_hidden, response_logits, sample
 from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table, sequence_kl
 from lit_ft.stages.reward_model import init_score_head, load_reward_model, sequence_rewards
+from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
 POLICY, VALUE, REWARD, REFERENCE = "policy", "value", "reward", "reference"
@@ -88,7 +89,7 @@ def _chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
-class PPO(BackboneModule, L.LightningModule):
+class PPO(CheckpointContract, BackboneModule, L.LightningModule):
     """PPO on the shared backbone (manual optimisation), with exact resume.
 
     Args:
@@ -135,6 +136,8 @@ class PPO(BackboneModule, L.LightningModule):
         num_logged_samples: generations per logged sample table.
         export_dir: where the policy adapter and the value adapter and head are written when training ends.
     """
+
+    stage = "ppo"
 
     def __init__(
         self,
@@ -211,7 +214,6 @@ class PPO(BackboneModule, L.LightningModule):
         self.reward_stats: dict[str, Any] = {"mean": 0.0, "std": 1.0}
         self.generator = torch.Generator().manual_seed(
             torch.initial_seed() if sampling_seed is None else sampling_seed)
-        self.strict_loading = False  # checkpoints hold the trainable adapters and the value head only
         self.evaluations: dict[str, dict[str, float]] = {}
         self._eval_texts: dict[str, list[str]] = {}
         self._eval_count = 0  # held-out prompts of the last evaluation (the table header)
@@ -222,7 +224,7 @@ class PPO(BackboneModule, L.LightningModule):
         if self.model is not None:
             return
         spec = self.backbone
-        model = build_model(dataclasses.replace(spec, lora=None, init_adapter=None), self.tokenizer,
+        model = build_model(dataclasses.replace(self.load_spec(), lora=None, init_adapter=None), self.tokenizer,
                             device_map=self.quantized_device_map())
         fresh = spec.lora or LoraSettings()
         say = rank_zero_only(print)
@@ -472,15 +474,21 @@ class PPO(BackboneModule, L.LightningModule):
             result.gold_top = getattr(self.gold_reward, "top_score", None)
         return result
 
-    def _evaluate_and_report(self, tag: str) -> None:
+    def _heldout(self) -> tuple[list[HeldOutItem], bool]:
+        """The data module's held-out items (:class:`lit_ft.data.heldout.HeldOut`) and whether they are checkable."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        prompts = list(getattr(datamodule, "eval_prompts", []) or [])
+        if not isinstance(datamodule, HeldOut):
+            return [], False
+        return datamodule.heldout(), bool(datamodule.checkable)
+
+    def _evaluate_and_report(self, tag: str) -> None:
+        items, checkable = self._heldout()
         if self.num_eval is not None:
-            prompts = prompts[: self.num_eval]
-        if not prompts:
+            items = items[: self.num_eval]
+        if not items:
             return
-        tasks = list(getattr(datamodule, "eval_tasks", []) or [])[: len(prompts)]
-        result = self.evaluate(prompts, bool(getattr(datamodule, "checkable_answers", False)), tasks or None)
+        prompts = [item.prompt for item in items]
+        result = self.evaluate(prompts, checkable, [item.task for item in items])
         self.evaluations[tag] = result.summary()
         self._eval_texts[tag] = result.texts
         self._eval_count = len(prompts)
@@ -505,7 +513,7 @@ class PPO(BackboneModule, L.LightningModule):
     def _print_before_after(self, rows: int = 6, width: int = 28) -> None:
         """A few held-out prompts with the policy's greedy answer before PPO and after."""
         before, after = self._eval_texts.get("before"), self._eval_texts.get("after")
-        prompts = getattr(self.trainer.datamodule, "eval_prompts", [])
+        prompts = [item.prompt for item in self._heldout()[0]]
         if not before or not after or not prompts:
             return
         def cell(text: str) -> str:
@@ -546,12 +554,13 @@ class PPO(BackboneModule, L.LightningModule):
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Trainable adapters and value head, plus what makes resume exact: KL controller and RNG states."""
-        keep_trainable_in_checkpoint(self, checkpoint)
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), "generator": self.generator.get_state(),
                              "torch_rng": torch.get_rng_state(),
                              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint the config does not continue
         state = checkpoint.get("ppo")
         if state is None:
             return
@@ -566,8 +575,9 @@ class PPO(BackboneModule, L.LightningModule):
         from safetensors.torch import save_file
 
         out = Path(directory)
-        save_adapter(self.model, out / POLICY, POLICY, self.tokenizer)
-        value_dir = save_adapter(self.model, out / VALUE, VALUE)
+        record = self.base_record()
+        save_adapter(self.model, out / POLICY, POLICY, self.tokenizer, record)
+        value_dir = save_adapter(self.model, out / VALUE, VALUE, base=record)
         head = {k: v.detach().float().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(head, value_dir / VALUE_HEAD_FILE)
         return out

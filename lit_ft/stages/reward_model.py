@@ -36,7 +36,6 @@ from lit_ft.backbone import (
     active_adapter,
     build_model,
     decoder_and_head,
-    keep_trainable_in_checkpoint,
     load_adapter,
     resolve_init_adapter,
     save_adapter,
@@ -49,6 +48,7 @@ from lit_ft.losses.reward import (
     pairwise_loss,
 )
 from lit_ft.padding import last_token_index, position_ids_from_mask
+from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
 HEAD_FILE = "score_head.safetensors"
@@ -76,7 +76,7 @@ def sequence_rewards(model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
     return head(last.to(head.weight.dtype)).squeeze(-1).float()
 
 
-class RewardModel(BackboneModule, L.LightningModule):
+class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
     """Pairwise (Bradley-Terry) reward model: LoRA on the shared backbone plus a scalar score head.
 
     Args:
@@ -89,6 +89,9 @@ class RewardModel(BackboneModule, L.LightningModule):
             the value Eisenstein et al. 2023 and TRL suggest). Keeps rewards near zero for PPO.
         export_dir: where to write the adapter, the score head and the reward statistics when training ends.
     """
+
+    stage = "reward_model"
+    checkpoint_buffers = ("reward_mean", "reward_std")  # checkpoints hold the adapter, the head and these
 
     def __init__(
         self,
@@ -114,7 +117,6 @@ class RewardModel(BackboneModule, L.LightningModule):
         self._tokenizer = None
         self.model: nn.Module | None = None
         self.score_head: nn.Linear | None = None
-        self.strict_loading = False  # checkpoints hold the adapter, the head and the reward stats only
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float32))
         self.register_buffer("reward_std", torch.ones((), dtype=torch.float32))
         self.val_metrics = PairMetrics()
@@ -140,7 +142,7 @@ class RewardModel(BackboneModule, L.LightningModule):
         else:
             message = f"starting from the base model {base} with a fresh adapter"
         rank_zero_only(print)(f"reward model: {message}")
-        self.model = build_model(spec, self.tokenizer, device_map=self.quantized_device_map())
+        self.model = build_model(self.load_spec(), self.tokenizer, device_map=self.quantized_device_map())
         self.model.train()
         hidden_size = self.model.get_input_embeddings().embedding_dim
         self.score_head = init_score_head(nn.Linear(hidden_size, 1))
@@ -244,11 +246,7 @@ class RewardModel(BackboneModule, L.LightningModule):
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
                                       self.trainer.estimated_stepping_batches)
 
-    # ------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the trainable parameters (adapter, head) and the reward statistics, never the frozen base."""
-        keep_trainable_in_checkpoint(self, checkpoint, extra=("reward_mean", "reward_std"))
-
+    # ------------------------------------------------------------ export
     def reward_stats(self) -> dict[str, Any]:
         """What ``reward_stats.json`` holds: normalisation statistics and where the adapter belongs."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -268,13 +266,10 @@ class RewardModel(BackboneModule, L.LightningModule):
         return stats
 
     def export(self, directory: str) -> Path:
-        """Adapter (PEFT format, with the tokenizer), ``score_head.safetensors`` and ``reward_stats.json``."""
-        from safetensors.torch import save_file
-
-        out = save_adapter(self.model, directory, self.adapter_name, self.tokenizer)
-        head = {k: v.detach().float().cpu().contiguous() for k, v in self.score_head.state_dict().items()}
-        save_file(head, out / HEAD_FILE)
-        (out / STATS_FILE).write_text(json.dumps(self.reward_stats(), indent=2) + "\n")
+        """Adapter (PEFT format, with the tokenizer and ``lit_ft_base.json``), ``score_head.safetensors`` and
+        ``reward_stats.json``."""
+        out = save_adapter(self.model, directory, self.adapter_name, self.tokenizer, self.base_record())
+        write_reward_files(out, self.score_head.state_dict(), self.reward_stats())
         return out
 
     def on_train_end(self) -> None:
@@ -293,6 +288,15 @@ class RewardModel(BackboneModule, L.LightningModule):
             print(f"held-out pairwise accuracy: {h['accuracy']:.1%} ({h['pairs']} pairs)")
         if self.export_dir and self.trainer.is_global_zero:
             print(f"lit_ft: saved reward model to {self.export(self.export_dir)}")
+
+
+def write_reward_files(directory: Path, head_state: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
+    """What makes an adapter folder a reward model export: the score head and the reward statistics."""
+    from safetensors.torch import save_file
+
+    head = {k: v.detach().float().cpu().contiguous() for k, v in head_state.items()}
+    save_file(head, Path(directory) / HEAD_FILE)
+    (Path(directory) / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
 
 
 class RewardScorer(nn.Module):

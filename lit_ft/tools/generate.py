@@ -5,8 +5,12 @@
     lit-ft generate --model artifacts/sft/merged --prompt "Sort the digits: 3 1 2" --sample --temperature 0.7
     lit-ft generate --model artifacts/sft/merged --base artifacts/base/tiny-mistral --prompt "..." --compare
 
-Prompts are rendered with the training templates of :mod:`lit_ft.data.formats` (``--format alpaca``, the SFT
-default, or ``chat`` for the tokenizer's chat template) and start with BOS, token for token as in training. A file
+The base loads as the adapter was trained (``lit_ft_base.json``: NF4 with bfloat16 compute for a QLoRA adapter);
+``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override that (:mod:`lit_ft.tools.loading`).
+
+Prompts are rendered with the training templates of :mod:`lit_ft.data.formats` (by default the adapter's own:
+``alpaca``, or ``chat`` for ``[INST]`` turns or the tokenizer's chat template) and start with BOS, token for token
+as in training. A file
 holds one prompt a line (``.txt``) or records (JSON / JSON lines / parquet) with ``instruction`` (and ``input``),
 ``prompt`` or chat ``messages``; an ``output``/``completion`` (or a final assistant message) is shown as the
 reference. ``--compare`` runs the same prompts through the base (the adapter disabled) and the tuned model and
@@ -17,55 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lit_ft.backbone import Backbone, BackboneError, build_model, load_adapter, load_tokenizer
+from lit_ft.backbone import BackboneError
+from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.callbacks.evaluation import greedy_generate
-from lit_ft.data.formats import Prompt, format_prompt
+from lit_ft.data.formats import Prompt, alpaca_messages, format_prompt
 from lit_ft.data.sources import DataError, Location, load_records_with_locations
+from lit_ft.errors import ConfigError
 from lit_ft.metrics import exact_match
+from lit_ft.tools.loading import adapter_base, add_loading_flags, base_spec, describe, load_with_adapter
 
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
-
-
-def adapter_base(adapter: str | Path) -> str | None:
-    """The base model an adapter directory was trained on (``base_model_name_or_path`` of its config)."""
-    config = Path(adapter) / "adapter_config.json"
-    if not config.exists():
-        raise BackboneError(f"{adapter}: adapter directory not found (no adapter_config.json)")
-    return json.loads(config.read_text()).get("base_model_name_or_path") or None
-
-
-def default_compute_dtype() -> str:
-    """4-bit matmuls in bfloat16 on a GPU (QLoRA), float32 on CPU (no fast bf16 matmul there)."""
-    return "bfloat16" if torch.cuda.is_available() else "float32"
-
-
-def load_causal_lm(pretrained: str, adapter: str | None = None, quantization: str = "none", dtype: str = "float32",
-                   compute_dtype: str | None = None, tokenizer: str | None = None):
-    """A base model (loaded like :func:`lit_ft.backbone.build_model` loads it for training), with ``adapter`` on it.
-
-    The tokenizer comes from ``tokenizer``, else the adapter directory when it holds one, else the base.
-    Returns ``(model, tokenizer)``, the model in eval mode with its KV cache on.
-    """
-    if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer_config.json").exists():
-        tokenizer = str(adapter)
-    tok = load_tokenizer(tokenizer or pretrained)
-    spec = Backbone(pretrained=pretrained, quantization=quantization, dtype=dtype,
-                    compute_dtype=compute_dtype or default_compute_dtype(), lora=None)
-    on_gpu = torch.cuda.is_available()
-    model = build_model(spec, tok, device_map={"": "cuda:0"} if on_gpu and quantization != "none" else None)
-    if on_gpu and quantization == "none":
-        model = model.to("cuda")
-    if adapter is not None:
-        model = load_adapter(model, str(adapter), "tuned")
-    model.eval()
-    model.config.use_cache = True  # build_model turns it off for training
-    return model, tok
+MERGED_META_FILE = "lit_ft.json"  # what `lit-ft export --merge` writes beside a merged model
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -100,8 +73,7 @@ def prompt_record(row: dict, fmt: str, location: Location | None = None) -> dict
             return {"messages": messages}
         if not isinstance(text, str):
             raise DataError("expected 'messages', 'instruction' or 'prompt'", location)
-        extra = row.get("input") or ""
-        return {"messages": [{"role": "user", "content": f"{text}\n\n{extra}" if extra.strip() else text}]}
+        return {"messages": alpaca_messages({"instruction": text, "input": row.get("input") or ""}, location)}
     if not isinstance(text, str):
         raise DataError("expected 'instruction', 'prompt' or chat 'messages'", location)
     reference = row.get("output", row.get("completion")) or ""
@@ -203,16 +175,19 @@ def comparison_table(rows: list[dict], before: list[str], after: list[str], refe
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-ft generate",
                                      description="Generate from a base model, an adapter or a merged export.")
-    parser.add_argument("--adapter", help="a PEFT adapter directory (its base is read from adapter_config.json)")
+    parser.add_argument("--adapter", help="a PEFT adapter directory (its base is read from lit_ft_base.json or "
+                                          "adapter_config.json)")
     parser.add_argument("--model", help="a plain transformers model directory (a base or a merged export)")
     parser.add_argument("--base", help="the base model: under --adapter (default: the adapter's own), alone, or "
                                        "as the 'before' side of --model --compare")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     parser.add_argument("--input", default="", help="the Alpaca input field for --prompt")
     parser.add_argument("--file", help="prompts: one a line (.txt) or records (.json, .jsonl, .parquet)")
-    parser.add_argument("--format", choices=PROMPT_FORMATS, default="alpaca",
-                        help="prompt template: alpaca (the SFT default), chat (the tokenizer's chat template), raw")
-    parser.add_argument("--chat_template", help="a Jinja chat template for --format chat")
+    parser.add_argument("--format", choices=PROMPT_FORMATS,
+                        help="prompt template: alpaca, chat ([INST] turns or the tokenizer's chat template) or raw "
+                             "(default: the one the model was trained with, else alpaca)")
+    parser.add_argument("--chat_template", help="a Jinja chat template, or 'builtin', for --format chat (default: "
+                                                "as in training)")
     parser.add_argument("--compare", action="store_true", help="base vs tuned outputs side by side, as a table")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     defaults = Sampling()
@@ -222,28 +197,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_k", type=int, default=defaults.top_k)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no_stream", action="store_true", help="print each answer when done, not token by token")
-    parser.add_argument("--quantization", choices=("none", "nf4"), default="none", help="load the base in 4 bits")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="dtype of the weights (float32: exact on CPU; bfloat16 halves GPU memory)")
+    add_loading_flags(parser)
     parser.add_argument("--batch_size", type=int, default=16, help="prompts generated at once (greedy, no stream)")
     return parser
 
 
-def _models_to_load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str | None]:
-    """(base, adapter) for the tuned side, or (model, None) for a plain model."""
+def _models_to_load(args: argparse.Namespace, parser: argparse.ArgumentParser
+                    ) -> tuple[str, str | None, BaseRecord | None]:
+    """(base, adapter, the adapter's record) for the tuned side, or (model, None, None) for a plain model."""
     if args.adapter and args.model:
         parser.error("give --adapter or --model, not both")
     if args.adapter:
-        base = args.base or adapter_base(args.adapter)
+        record = BaseRecord.read(args.adapter) if Path(args.adapter).is_dir() else None
+        base = args.base or adapter_base(args.adapter, record)
         if not base:
             raise BackboneError(f"{args.adapter}: the adapter does not name its base model; pass --base")
-        return base, args.adapter
+        return base, args.adapter, record
     if args.model or args.base:
         if args.compare and not (args.model and args.base):
             parser.error("--compare needs --adapter, or --model with --base")
-        return args.model or args.base, None
+        return args.model or args.base, None, None
     parser.error("give --adapter, --model or --base")
     raise AssertionError  # parser.error exits
+
+
+def trained_prompt_format(record: BaseRecord | None, model_dir: str | None) -> tuple[str | None, str | None]:
+    """(prompt format, chat template) the model was trained with: from the adapter's record, or from a merged
+    export's ``lit_ft.json``; (None, None) when neither says."""
+    if record is not None:
+        return record.prompt_format, record.chat_template
+    meta = Path(model_dir or "") / MERGED_META_FILE
+    if model_dir and meta.is_file():
+        values = json.loads(meta.read_text())
+        return values.get("prompt_format"), values.get("chat_template")
+    return None, None
+
+
+def check_sampling(sampling: Sampling) -> None:
+    """Settings that cannot generate anything are one line, before any model loads."""
+    if sampling.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
+    if sampling.do_sample and sampling.temperature <= 0:
+        raise ConfigError(f"--temperature must be positive when sampling, got {sampling.temperature}")
+    if sampling.do_sample and not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {sampling.top_p}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -252,11 +249,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if (args.file is None) == (args.prompt is None):
         parser.error("give either --prompt (repeatable) or --file")
-    source, adapter = _models_to_load(args, parser)
+    source, adapter, record = _models_to_load(args, parser)
     sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k, args.seed)
+    check_sampling(sampling)
+    trained_format, trained_template = trained_prompt_format(record, args.model)
+    fmt = args.format or trained_format or "alpaca"
+    chat_template = args.chat_template or trained_template
     rows, locations = prompt_rows(args.prompt, args.file, args.input)
-    model, tokenizer = load_causal_lm(source, adapter, args.quantization, args.dtype)
-    prompts = build_prompts(rows, tokenizer, args.format, args.chat_template, locations)
+    spec = base_spec(source, record, args.dtype, args.load_in_4bit)
+    print(f"lit-ft generate: {source} loaded as {describe(spec)}" + (f", adapter {adapter}" if adapter else "")
+          + f"; {fmt} prompts", file=sys.stderr)
+    model, tokenizer = load_with_adapter(spec, adapter)
+    prompts = build_prompts(rows, tokenizer, fmt, chat_template, locations)
     references = [p.reference for p in prompts]
     results = [{"prompt": shown_prompt(r), "reference": ref} for r, ref in zip(rows, references)]
     if not args.compare:
@@ -275,8 +279,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             base = generate_texts(model, tokenizer, prompts, sampling, batch_size=args.batch_size)
     else:
         del model
-        base_model, base_tokenizer = load_causal_lm(args.base, None, args.quantization, args.dtype)
-        base_prompts = build_prompts(rows, base_tokenizer, args.format, args.chat_template, locations)
+        base_model, base_tokenizer = load_with_adapter(base_spec(args.base, None, args.dtype, args.load_in_4bit), None)
+        base_prompts = build_prompts(rows, base_tokenizer, fmt, chat_template, locations)
         base = generate_texts(base_model, base_tokenizer, base_prompts, sampling, batch_size=args.batch_size)
     from rich.console import Console
 

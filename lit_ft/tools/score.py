@@ -3,6 +3,8 @@
     lit-ft score --adapter artifacts/rm --prompt "What is 3 + 4?" --response 7 --response 8
     lit-ft score --adapter artifacts/rm --file pairs.jsonl
 
+The base loads as the reward model was trained (``lit_ft_base.json``: NF4 with bfloat16 compute for a QLoRA
+adapter); ``--dtype`` and ``--load-in-4bit/--no-load-in-4bit`` override that (:mod:`lit_ft.tools.loading`).
 Prompts are rendered the way the reward model was trained (``prompt_format`` in ``reward_stats.json``): the SFT
 Alpaca prompt for the embedded model, chat turns otherwise. A file holds one JSON object a line with ``prompt``
 (a string, an HH-form ``"\\n\\nHuman: ...\\n\\nAssistant:"`` string, or chat messages) or ``instruction`` (and
@@ -13,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lit_ft.backbone import Backbone, BackboneError, build_model, load_tokenizer
+from lit_ft.backbone import BackboneError
+from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.data.preference_formats import (
     EmptyResponse,
     PreferencePair,
@@ -29,6 +33,7 @@ from lit_ft.data.preference_formats import (
 from lit_ft.data.sources import DataError, Location, load_records_with_locations
 from lit_ft.padding import pad_rows
 from lit_ft.stages.reward_model import STATS_FILE, RewardScorer, load_reward_model
+from lit_ft.tools.loading import add_loading_flags, base_spec, describe, load_base, tokenizer_source
 
 PROMPT_FORMATS = ("alpaca", "chat")
 
@@ -81,24 +86,22 @@ def score_rows(scorer: RewardScorer, tokenizer: Any, rows: list[dict], prompt_fo
     return rewards
 
 
-def load_scorer(adapter: str, base: str | None = None, quantization: str = "none") -> tuple[RewardScorer, Any]:
-    """The exported reward model in ``adapter`` on its base model (``base`` overrides the recorded one)."""
+def load_scorer(adapter: str, base: str | None = None, dtype: str | None = None,
+                load_in_4bit: bool | None = None) -> tuple[RewardScorer, Any]:
+    """The exported reward model in ``adapter`` on its base model, loaded as it was trained (``base``, ``dtype``
+    and ``load_in_4bit`` override the recorded base and how it loads)."""
     directory = Path(adapter)
     stats_path = directory / STATS_FILE
     if not stats_path.exists():
         raise BackboneError(f"{directory}: not a reward model export ({STATS_FILE} is missing)")
     stats = json.loads(stats_path.read_text())
-    base = base or stats.get("base_model")
+    record = BaseRecord.read(directory)
+    base = base or (record.pretrained if record else None) or stats.get("base_model")
     if not base:
         raise BackboneError(f"{directory}: the export does not name its base model; pass --base")
-    has_tokenizer = (directory / "tokenizer_config.json").exists()
-    tokenizer = load_tokenizer(str(directory) if has_tokenizer else base)
-    compute = "bfloat16" if torch.cuda.is_available() else "float32"
-    spec = Backbone(pretrained=base, quantization=quantization, compute_dtype=compute, lora=None)
-    device_map = {"": "cuda:0"} if quantization != "none" and torch.cuda.is_available() else None
-    model = build_model(spec, tokenizer, device_map=device_map)
-    if device_map is None and torch.cuda.is_available():
-        model = model.to("cuda")
+    spec = base_spec(base, record, dtype, load_in_4bit)
+    print(f"lit-ft score: {base} loaded as {describe(spec)}, reward model {directory}", file=sys.stderr)
+    model, tokenizer = load_base(spec, tokenizer_source(spec, directory))
     return load_reward_model(model, directory), tokenizer
 
 
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=PROMPT_FORMATS,
                         help="how prompts are rendered (default: as in training, from reward_stats.json)")
     parser.add_argument("--chat_template", help="Jinja chat template (default: as in training)")
-    parser.add_argument("--quantization", choices=("none", "nf4"), default="none", help="load the base in 4 bits")
+    add_loading_flags(parser)
     parser.add_argument("--max_seq_length", type=int, help="cut longer prompts from the left")
     parser.add_argument("--batch_size", type=int, default=16)
     return parser
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     else:
         rows = [{"prompt": args.prompt, "input": args.input, "response": r} for r in args.response]
         locations = [Location("--response", row=i) for i in range(len(rows))]
-    scorer, tokenizer = load_scorer(args.adapter, args.base, args.quantization)
+    scorer, tokenizer = load_scorer(args.adapter, args.base, args.dtype, args.load_in_4bit)
     stats = scorer.stats
     prompt_format = args.format or stats.get("prompt_format") or "chat"
     template = args.chat_template or stats.get("chat_template")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_ft.data.datamodule import SeededShuffleSampler
+from lit_ft.data.records import SeededShuffleSampler
 from tests.tiny_runs import (
     adapter_weights,
     max_abs_diff,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lit_ft.backbone.packed_attention import (
     SEGMENT_CACHE,
     register_packed_attention,
     segments_from_position_ids,
+    window_mask,
 )
 from tests.tiny_models import tiny_mistral
 
@@ -114,13 +114,79 @@ def test_padded_batches_and_generation_match_sdpa() -> None:
                            reference.generate(ids, attention_mask=mask, **kwargs))
 
 
-def test_example_longer_than_the_sliding_window_is_an_error() -> None:
-    packed, _ = _pair()
-    packed.config.sliding_window = 4
-    for layer in packed.model.layers:
-        layer.self_attn.sliding_window = 4
-    with pytest.raises(ValueError, match="sliding window"), torch.no_grad():
-        packed(**_packed_batch(), use_cache=False)
+WINDOW = 6  # shorter than every example of LENGTHS but 5
+
+
+def _windowed(window: int | None = WINDOW) -> dict[str, torch.nn.Module]:
+    """The tiny model with a sliding window shorter than its examples, under lit_ft_packed, eager and sdpa, with
+    the same weights."""
+    from dataclasses import asdict
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.tiny_models import TINY
+
+    models = {}
+    for attn in ("lit_ft_packed", "eager", "sdpa"):
+        torch.manual_seed(0)
+        config = MistralConfig(vocab_size=500, tie_word_embeddings=False, sliding_window=window, **asdict(TINY))
+        config._attn_implementation = attn
+        models[attn] = MistralForCausalLM(config).eval()
+    return models
+
+
+def test_window_mask_by_hand() -> None:
+    assert window_mask(4, 4, 2).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    assert window_mask(1, 5, 3).int().tolist() == [[0, 0, 1, 1, 1]]  # a decoding step sees the last 3 keys
+
+
+def test_packed_examples_longer_than_the_window_match_transformers() -> None:
+    """Packed rows whose examples exceed the window: each example's logits equal transformers' eager result on it
+    alone with the window, and logits and gradients equal transformers' sdpa on the same packed rows."""
+    models = _windowed()
+    batch = _packed_batch()
+    packed = models["lit_ft_packed"](**batch, use_cache=False).logits
+    with torch.no_grad():
+        for r, row in enumerate(LENGTHS):
+            start = 0
+            for n in row:
+                alone = models["eager"](input_ids=batch["input_ids"][r : r + 1, start : start + n], use_cache=False)
+                torch.testing.assert_close(packed[r, start : start + n], alone.logits[0], rtol=1e-4, atol=1e-5)
+                start += n
+    reference = models["sdpa"](**batch, use_cache=False).logits
+    torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(packed.shape, generator=torch.Generator().manual_seed(1))
+    (packed * weights).sum().backward()
+    (reference * weights).sum().backward()
+    grads = dict(models["sdpa"].named_parameters())
+    for name, p in models["lit_ft_packed"].named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_unpacked_rows_padding_and_decoding_apply_the_window() -> None:
+    """One example per row (the fused whole-row path), padded rows (transformers' mask) and cached decoding, each
+    against transformers' eager attention with the window."""
+    models = _windowed()
+    ids = torch.randint(3, 500, (2, 15), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        for kwargs in ({"position_ids": torch.arange(15).expand(2, 15)}, {"attention_mask": mask}):
+            real = mask.bool() if "attention_mask" in kwargs else torch.ones_like(mask, dtype=torch.bool)
+            torch.testing.assert_close(models["lit_ft_packed"](input_ids=ids, use_cache=False, **kwargs).logits[real],
+                                       models["eager"](input_ids=ids, use_cache=False, **kwargs).logits[real],
+                                       rtol=1e-4, atol=1e-5)  # padding positions attend to nothing: any value
+        generate = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(models["lit_ft_packed"].generate(ids, **generate), models["eager"].generate(ids, **generate))
+
+
+def test_a_missing_window_would_be_detected() -> None:
+    """Control: the same weights without the window give other logits on these examples (the tests can fail)."""
+    windowed, full = _windowed()["lit_ft_packed"], _windowed(None)["lit_ft_packed"]
+    with torch.no_grad():
+        batch = _packed_batch()
+        assert not torch.allclose(windowed(**batch, use_cache=False).logits, full(**batch, use_cache=False).logits,
+                                  atol=1e-3)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:

@@ -51,6 +51,37 @@ def test_supervised_loss_gradients_match_full_logits(fused: bool, train_head: bo
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_fused_loss_in_the_compute_dtype_agrees_with_the_fp32_path() -> None:
+    """The lean 4-bit preparation hands the fused loss bf16 hidden states and a bf16 head under autocast; PEFT's
+    preparation handed it fp32 ones and 4096-row chunks (autocast ran the matmuls in bf16 all the same). The loss,
+    accumulated in fp32 either way, and the hidden states' gradient agree; both stay within bf16 rounding of an
+    fp64 reference."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 300, 64, generator=g)
+    head = torch.nn.Linear(64, 700, bias=False)
+    head.weight.data = torch.randn(700, 64, generator=g) * 0.2
+    labels = torch.randint(0, 700, (2, 300), generator=g)
+    labels[:, :50] = IGNORE_INDEX
+
+    def run(h: torch.Tensor, w: torch.nn.Linear, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = supervised_token_loss(h, w, labels, chunk_size=chunk)
+        (loss * 0.01).backward()
+        return loss, h.grad
+
+    old_loss, old_grad = run(hidden, head, 4096)
+    lean_head = torch.nn.Linear(64, 700, bias=False).to(torch.bfloat16)
+    lean_head.weight.data = head.weight.data.to(torch.bfloat16)
+    new_loss, new_grad = run(hidden.to(torch.bfloat16), lean_head, 64)
+    assert old_loss.dtype == new_loss.dtype == torch.float32 and new_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(new_loss, old_loss, rtol=1e-6, atol=1e-4)
+    # the same bf16 matmul; the lean path stores (and scales) the gradient in bf16: within one bf16 rounding
+    torch.testing.assert_close(new_grad.float(), old_grad, rtol=2**-8, atol=1e-8)
+    exact, _ = full_logits_token_loss(head.double()(hidden.double()), labels)
+    assert abs(new_loss.item() - exact.item()) / exact.item() < 5e-3
+
+
 def test_module_token_loss_equals_the_models_own_logits() -> None:
     """Through the real model: CausalLM.token_loss (decoder + supervised rows through the head) gives the loss and
     the LoRA gradients of cross-entropy on the full logits of the model's own forward, on a packed batch."""

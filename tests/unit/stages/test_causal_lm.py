@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_ft.backbone import Backbone, LoraSettings, save_full_model
-from lit_ft.data.embedded import EmbeddedTasks
+from lit_ft.data.embedded import EmbeddedWorld
+from lit_ft.data.instruction import InstructionDataModule
 from lit_ft.data.packing import ExampleStore, PackedCollator, PackedDataset
 from lit_ft.stages.causal_lm import CausalLM
 from tests.tiny_models import TINY, StopAt, tiny_backbone
@@ -113,7 +114,7 @@ def _fit(tmp: Path, base: str, max_steps: int, ckpt_path: str | None = None, qua
         lora=LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft"),
     )
     module = CausalLM(backbone=backbone, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), export_dir=str(tmp / "adapter"))
-    data = EmbeddedTasks(num_train=64, num_heldout=8, max_seq_length=128, micro_batch_size=2)
+    data = InstructionDataModule(EmbeddedWorld(num_train=64, num_heldout=8), max_seq_length=128, micro_batch_size=2)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_train_steps=every, save_top_k=0)
     trainer = L.Trainer(
         max_steps=max_steps, logger=False, callbacks=[ckpt, Snapshot()] + ([StopAt(stop_at)] if stop_at else []), enable_progress_bar=False, enable_model_summary=False,

@@ -3,7 +3,6 @@ changes, exact resume, and the recipe on local stand-ins."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -13,9 +12,8 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
-from lit_ft.data.prompts import LeftPadCollator, PromptDataModule, balanced_by_task, cut_prompt, record_prompt
-from lit_ft.data.sources import DataError
-from lit_ft.data.synthetic import split_facts
+from lit_ft.data.embedded import EmbeddedWorld
+from lit_ft.data.prompts import LeftPadCollator, PromptDataModule
 from lit_ft.metrics import per_task_counts
 from lit_ft.padding import position_ids_from_mask
 from lit_ft.rl.kl import AdaptiveKLController
@@ -29,8 +27,6 @@ from tests.tiny_models import (
     StopAt,
     config_command,
 )
-
-HH_FILE = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test.jsonl.gz"
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -73,64 +69,8 @@ def _module(stages: dict[str, str], **overrides) -> PPO:
     return PPO(**settings)
 
 
-def _data(**overrides) -> PromptDataModule:
-    return PromptDataModule(**{"num_train": 32, "num_heldout": 4, "micro_batch_size": 8, **overrides})
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-def test_prompts_come_from_instruction_or_preference_records(tokenizer) -> None:
-    alpaca = record_prompt({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, tokenizer)
-    assert alpaca.reference == "5" and alpaca.text.endswith("### Response:\n")
-    pair = record_prompt({"instruction": "Add 2 and 3.", "chosen": "5", "rejected": "6"}, tokenizer)
-    assert pair.input_ids == alpaca.input_ids and pair.reference is None
-    hh = record_prompt({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!",
-                        "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."}, tokenizer)
-    assert tokenizer.decode(hh.input_ids).endswith("Hi there [/INST]") and hh.reference is None
-    assert cut_prompt([1, 5, 6, 7, 8], 3) == [1, 7, 8] and cut_prompt([1, 5], 3) == [1, 5]
-
-
-@pytest.mark.skipif(not HH_FILE.exists(), reason=f"{HH_FILE} is absent (the real HH-RLHF file lives in ../shared/data)")
-def test_prompt_side_of_real_hh_pairs(tokenizer, tmp_path) -> None:
-    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
-        rows = [next(f) for _ in range(40)]
-    source = tmp_path / "hh.jsonl"
-    source.write_text("".join(rows))
-    dm = PromptDataModule(source=str(source), val_split_fraction=0.1, max_prompt_length=64, tokenizer=tokenizer)
-    dm.setup("fit")
-    assert len(dm.train_prompts) == 36 and len(dm.eval_prompts) == 4
-    assert all(len(p.input_ids) <= 64 and p.input_ids[0] == tokenizer.bos_token_id for p in dm.train_prompts)
-    assert all(tokenizer.decode(p.input_ids).endswith("[/INST]") for p in dm.train_prompts)
-
-
-def test_embedded_prompts_batch_left_padded_and_resume(tokenizer) -> None:
-    dm = _data(tokenizer=tokenizer)
-    dm.setup("fit")
-    assert dm.checkable_answers and all(p.reference for p in dm.train_prompts + dm.eval_prompts)
-    batch = LeftPadCollator(0)([dm.train_dataset[i] for i in (0, 1, 2)])
-    assert (batch["attention_mask"][:, -1] == 1).all()  # every prompt ends in the last column
-    lengths = [len(dm.train_prompts[i].input_ids) for i in (0, 1, 2)]
-    assert batch["attention_mask"].sum(-1).tolist() == lengths and batch["index"].tolist() == [0, 1, 2]
-
-
-def test_embedded_prompts_by_task_family(tokenizer) -> None:
-    train, heldout = split_facts(1234, 200, 20)
-    balanced = balanced_by_task([f for f in train if f.task in ("add", "sort")])
-    adds = [f for f in train if f.task == "add"]
-    sorts = [f for f in train if f.task == "sort"]
-    assert len(adds) < len(sorts)
-    assert [f for f in balanced if f.task == "sort"] == sorts  # the largest family once, in order
-    assert [f for f in balanced if f.task == "add"] == [adds[i % len(adds)] for i in range(len(sorts))]
-
-    dm = _data(num_train=200, num_heldout=20, tasks=["add", "sort"], balance_tasks=True, tokenizer=tokenizer)
-    dm.setup("fit")
-    assert [p.reference for p in dm.train_prompts] == [f.answer for f in balanced]
-    assert dm.train_dataset.tasks == [f.task for f in balanced]
-    # The held-out prompts keep every family, so exact match compares with the SFT stage's.
-    assert dm.eval_tasks == [f.task for f in heldout] and len(set(dm.eval_tasks)) > 2
-    with pytest.raises(DataError, match="unknown embedded task"):
-        _data(tasks=["add", "divide"])
-    with pytest.raises(DataError, match="embedded tasks"):
-        _data(source="prompts.jsonl", balance_tasks=True)
+def _data() -> PromptDataModule:
+    return PromptDataModule(EmbeddedWorld(num_train=32, num_heldout=4), micro_batch_size=8)
 
 
 def test_value_head_from_the_reward_head_predicts_the_normalised_score() -> None:
@@ -306,7 +246,7 @@ def test_ppo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, cap
     main(config_command(ROOT / "configs" / "ppo.yaml") + [
         f"--model.init_args.backbone.pretrained={stages['base']}",
         f"--model.init_args.policy_adapter={stages['sft']}", f"--model.init_args.reward_model={stages['rm']}",
-        "--model.init_args.num_eval=4", "--data.init_args.num_train=32", "--data.init_args.num_heldout=4",
+        "--model.init_args.num_eval=4", "--data.source.num_train=32", "--data.source.num_heldout=4",
         "--data.init_args.micro_batch_size=16", "--trainer.max_steps=4", "--trainer.logger=false",
         "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
     out = capsys.readouterr().out
@@ -422,17 +362,22 @@ def test_heldout_summary_and_table_by_hand() -> None:
 
 
 def test_no_heldout_prompt_in_reward_model_or_ppo_training_data(tokenizer) -> None:
+    """The reward model's pairs and PPO's prompts (as configs/rm.yaml and configs/ppo.yaml make them) never ask a
+    held-out question; the held-out evaluation asks exactly the held-out questions."""
+    from lit_ft.data.embedded import PairSettings, PromptSettings
     from lit_ft.data.formats import format_alpaca_prompt
-    from lit_ft.data.preference import PreferenceDataModule
+    from lit_ft.data.synthetic import split_facts
 
     _, heldout = split_facts(1234, 2000, 200)
     held = {f.question for f in heldout}
-    pairs_train, pairs_heldout = PreferenceDataModule(extra_facts=4000).embedded_records()
-    assert not held & {r["instruction"] for r in pairs_train}
-    assert {r["instruction"] for r in pairs_heldout} == held
-    for overrides in ({}, {"tasks": ["add", "sort"], "balance_tasks": True}):
-        dm = PromptDataModule(tokenizer=tokenizer, **overrides)
+    pairs = EmbeddedWorld(pairs=PairSettings(extra_facts=4000)).splits("preference")
+    assert not held & {r["instruction"] for r in pairs.train}
+    assert {r["instruction"] for r in pairs.val} == held
+    for settings in (PromptSettings(), PromptSettings(tasks=["add", "sort"], balance_tasks=True),
+                     PromptSettings(tasks=["add", "successor", "count", "max", "sort"], balance_tasks=True)):
+        dm = PromptDataModule(EmbeddedWorld(prompts=settings))
+        dm.connect(tokenizer)
         dm.setup("fit")
         held_prompts = {format_alpaca_prompt(q) for q in held}
-        assert {p.text for p in dm.eval_prompts} == held_prompts
+        assert {item.prompt.text for item in dm.heldout()} == held_prompts
         assert not {p.text for p in dm.train_prompts} & held_prompts

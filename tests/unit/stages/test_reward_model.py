@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, add_adapter, save_full_model
+from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.preference import PreferenceCollator, PreferenceDataModule
 from lit_ft.losses.reward import (
     PairMetrics,
@@ -88,7 +89,8 @@ def _tiny_rm(**kwargs) -> RewardModel:
 
 
 def _pairs(tokenizer, n: int = 3) -> list[dict]:
-    dm = PreferenceDataModule(tokenizer=tokenizer, num_train=16, num_heldout=4)
+    dm = PreferenceDataModule(EmbeddedWorld(num_train=16, num_heldout=4))
+    dm.connect(tokenizer)
     dm.setup("fit")
     items = [dm.train_dataset[i] for i in range(n)]
     items[0]["chosen_input_ids"] = items[0]["chosen_input_ids"][:30]  # lengths differ: real padding
@@ -153,7 +155,7 @@ def _fit(tmp: Path, base: str, max_steps: int, ckpt_path: str | None = None, qua
                         lora=LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="reward"))
     module = RewardModel(backbone=backbone, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
                          center_rewards_coefficient=0.01, export_dir=str(tmp / "rm"))
-    data = PreferenceDataModule(num_train=48, num_heldout=8, max_seq_length=128, micro_batch_size=4)
+    data = PreferenceDataModule(EmbeddedWorld(num_train=48, num_heldout=8), max_seq_length=128, micro_batch_size=4)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_train_steps=2,
                                                save_top_k=0)
     callbacks = [ckpt, Snapshot()] + ([StopAt(stop_at)] if stop_at else [])
@@ -181,7 +183,8 @@ def test_fit_trains_adapter_and_head_only_and_exports(tmp_path, tiny_base, capsy
             base_checked += 1
     assert changed == sum("lora_" in n or n.startswith("score_head.") for n in init) and base_checked > 10
     # Validation ran at the last step: its reward statistics are the buffers, the checkpoint and the export.
-    assert module.heldout["pairs"] == 8 and module.reward_std.item() > 0 and module.reward_mean.item() != 0
+    assert module.heldout["pairs"] == 24  # 8 facts x 3 gold pair kinds
+    assert module.reward_std.item() > 0 and module.reward_mean.item() != 0
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert {"score_head.weight", "score_head.bias", "reward_mean", "reward_std"} <= keys
@@ -197,7 +200,7 @@ def test_fit_trains_adapter_and_head_only_and_exports(tmp_path, tiny_base, capsy
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     torch.testing.assert_close(load_file(out / "score_head.safetensors")["weight"], module.score_head.weight.detach())
     printed = capsys.readouterr().out
-    assert "held-out pairwise accuracy: " in printed and "(8 pairs)" in printed
+    assert "held-out pairwise accuracy: " in printed and "(24 pairs)" in printed
 
 
 def test_export_loads_back_onto_a_shared_base_with_identical_scores(tmp_path, tiny_base, tokenizer) -> None:
@@ -289,7 +292,7 @@ def test_rm_config_runs_from_the_sft_adapter_or_the_base(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     args = config_command(ROOT / "configs" / "rm.yaml") + [
         f"--model.init_args.backbone.pretrained={tiny_base}", "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2", "--data.init_args.num_train=32", "--data.init_args.num_heldout=8",
+        "--trainer.val_check_interval=2", "--data.source.num_train=32", "--data.source.num_heldout=8",
         "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
     main(args)
     out = capsys.readouterr().out

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, build_model, save_full_model
+from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.data.formats import format_prompt
 from lit_ft.tools.export import main, resolve_dtype
-from tests.unit.stages.test_causal_lm import _fit
+from tests.quantised_loading import LoadedBases, assert_nf4_bf16, fails_in_one_line, save_nf4_adapter
 from tests.tiny_models import TINY
+from tests.unit.stages.test_causal_lm import _fit
 
 PROMPTS = ["What is 3 + 4?", "Reverse the letters: c a t", "Sort the digits: 9 9 4", "How many letters are in: a b"]
 PROMPT_ARGS = [arg for p in PROMPTS for arg in ("--prompt", p)]
@@ -143,3 +145,50 @@ def test_auto_dtype_is_the_bases_saved_dtype(tiny_base, tmp_path) -> None:
     assert resolve_dtype("auto", str(tmp_path)) == "bfloat16"
     assert resolve_dtype("auto", "no-such-org/no-such-model") == "bfloat16"  # unreadable offline
     assert resolve_dtype("float16", tiny_base) == "float16"
+
+
+# ------------------------------------------------------------------------- loading as trained (lit_ft_base.json)
+def test_every_export_records_how_its_base_was_loaded(nf4_run, capsys) -> None:
+    tmp, _ = nf4_run
+    trained = BaseRecord.read(tmp / "adapter")  # the trainer's own export
+    assert (trained.quantization, trained.compute_dtype, trained.prompt_format) == ("nf4", "float32", "alpaca")
+    main(["--checkpoint", str(tmp / "ckpt" / "last.ckpt"), "--out", str(tmp / "from_ckpt")])
+    main(["--adapter", str(tmp / "adapter"), "--out", str(tmp / "from_adapter")])
+    for out in ("from_ckpt", "from_adapter"):
+        record = BaseRecord.read(tmp / out)
+        assert (record.quantization, record.compute_dtype, record.pretrained) == ("nf4", "float32", trained.pretrained)
+        assert record.prompt_format == "alpaca"
+
+
+def test_merging_a_4bit_adapter_dequantises_layer_by_layer_in_bf16(tiny_base, tokenizer, tmp_path, monkeypatch,
+                                                                    capsys) -> None:
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    adapter = save_nf4_adapter(tmp_path / "adapter", tiny_base, tokenizer)
+    loaded = LoadedBases(monkeypatch)
+    dequantized_in = []
+    real = PreTrainedModel.dequantize
+
+    def dequantize(self, dtype=None):
+        dequantized_in.append(dtype)
+        return real(self, dtype=dtype)
+
+    monkeypatch.setattr(PreTrainedModel, "dequantize", dequantize)
+    report = main(["--adapter", adapter, "--merge", "--out", str(tmp_path / "merged"), "--max_new_tokens", "4"])
+    assert_nf4_bf16(loaded)
+    assert dequantized_in == [torch.bfloat16]  # transformers replaces one Linear4bit at a time
+    assert "(NF4, as trained)" in capsys.readouterr().out and report.merged_dtype == "bfloat16"
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    meta = json.loads((tmp_path / "merged" / "lit_ft.json").read_text())
+    assert meta["prompt_format"] == "chat" and meta["trained_quantization"] == "nf4"
+
+
+def test_export_of_an_adapter_onto_another_base_is_one_line(fp32_run, other_base, capsys) -> None:
+    tmp, _ = fp32_run
+    adapter = str(tmp / "adapter")
+    for extra in ([], ["--merge"]):
+        line = fails_in_one_line(capsys, ["export", "--adapter", adapter, "--base", other_base,
+                                           "--out", str(tmp / "wrong"), *extra], "the adapter does not fit")
+        assert line.startswith(f"lit-ft: error: {adapter}:")
+    assert not (tmp / "wrong").exists()

@@ -208,8 +208,8 @@ def test_offline_sweep_of_real_lit_ft_trials(tmp_path, monkeypatch, capsys) -> N
     path.write_text(yaml.safe_dump(sweep))
     monkeypatch.chdir(tmp_path)
     trials = main([str(path), "--offline", "--trials", "2", f"--model.backbone.pretrained={base}",
-                   "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--data.num_train=64",
-                   "--data.num_heldout=8"])
+                   "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--data.source.num_train=64",
+                   "--data.source.num_heldout=8"])
     out = capsys.readouterr().out
     assert [t.returncode for t in trials] == [0, 0], out
     assert all("val/loss" in t.metrics and t.wandb_dir and Path(t.wandb_dir).name.startswith("offline-run-")

@@ -1,33 +1,24 @@
-"""Preference data: formats (HH split on turns), margins, drops, truncation, batches, embedded pairs."""
+"""Preference record formats: prompts and responses rendered as SFT renders them, HH split on turns, margins,
+the empty-prompt rule, and truncation that never cuts a response."""
 
 from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
-from lit_ft.data.datamodule import ResumableDataLoader, SeededShuffleSampler
 from lit_ft.data.formats import format_alpaca_prompt, tokenize_record
-from lit_ft.data.gold import PAIR_KINDS, gold_pair_records, gold_rank
-from lit_ft.data.preference import (
+from lit_ft.data.preference_formats import (
     EmptyResponse,
-    PreferenceCollator,
-    PreferenceDataModule,
     PreferencePair,
-    build_pairs,
     hh_turns,
-    near_miss,
     parse_hh,
-    preference_records,
     split_shared_prompt,
     tokenize_pair,
     truncate_pair,
 )
 from lit_ft.data.sources import DataError, Location
-from lit_ft.data.synthetic import split_facts
 from tests.tiny_models import ROOT
 
 HH_FILE = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test.jsonl.gz"
@@ -36,11 +27,6 @@ HH_FILE = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test.jsonl.gz"
 def _ids(tokenizer, text: str) -> list[int]:
     """Whole-string tokenization with special tokens recognised, no automatic BOS."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -157,32 +143,6 @@ def test_margin_column(tokenizer) -> None:
                       location=Location("f.jsonl", 4))
 
 
-def test_identical_and_empty_pairs_are_dropped_and_counted(tokenizer, tmp_path: Path, capsys) -> None:
-    rows = [{"prompt": f"Say {i}.", "chosen": str(i), "rejected": str(i + 1), "margin": 0.5 * (i % 2)}
-            for i in range(10)]
-    rows[3]["rejected"] = rows[3]["chosen"]  # identical
-    rows[4]["rejected"] = rows[4]["chosen"] + "   "  # identical after formatting (response whitespace)
-    rows[5]["chosen"] = ""  # empty
-    source = _write_jsonl(tmp_path / "pairs.jsonl", rows)
-    dm = PreferenceDataModule(source=source, tokenizer=tokenizer, val_split_fraction=0.0, micro_batch_size=2)
-    dm.setup("fit")
-    stats = dm.stats_train
-    assert (stats.records, stats.pairs, stats.identical, stats.empty, stats.too_long) == (10, 7, 2, 1, 0)
-    assert stats.with_margin == 3 and dm.train_format == "prompt" and dm.prompt_format == "chat"
-    printed = capsys.readouterr().out
-    assert "[data] train: 7 pairs from 10 records" in printed and "dropped 2 identical, 1 empty" in printed
-
-
-def test_bad_record_names_file_line_and_field(tokenizer, tmp_path: Path) -> None:
-    source = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
-                                                   {"prompt": "p", "chosen": "a", "rejected": 3}])
-    dm = PreferenceDataModule(source=source, tokenizer=tokenizer, val_split_fraction=0.0)
-    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'rejected'"):
-        dm.setup("fit")
-    with pytest.raises(DataError, match="unknown preference format"):
-        PreferenceDataModule(source=source, format="pairs")
-
-
 # --------------------------------------------------------------------------------------------- truncation
 def test_truncation_cuts_the_prompt_from_the_left_and_never_a_response() -> None:
     pair = PreferencePair(prompt_ids=[1, 10, 11, 12, 13, 14], chosen_ids=[20, 21, 2], rejected_ids=[30, 2])
@@ -193,88 +153,3 @@ def test_truncation_cuts_the_prompt_from_the_left_and_never_a_response() -> None
     assert max(cut.chosen_length, cut.rejected_length) == 7
     assert truncate_pair(pair, 4).prompt_ids == [1]
     assert truncate_pair(pair, 3) is None  # the longer response does not fit after BOS: dropped
-
-
-def test_overlong_pairs_in_a_split_are_cut_or_dropped(tokenizer) -> None:
-    long_prompt = " ".join(["word"] * 60)
-    records = [{"prompt": long_prompt, "chosen": "yes", "rejected": "no"},
-               {"prompt": "short", "chosen": "a " * 80, "rejected": "b"}]
-    pairs, stats = build_pairs(records, [Location("x", row=i) for i in range(2)], tokenizer, "auto", 32)
-    assert (stats.pairs, stats.prompts_cut, stats.too_long) == (1, 1, 1)
-    assert max(pairs[0].chosen_length, pairs[0].rejected_length) <= 32
-    assert tokenizer.decode(pairs[0].prompt_ids).endswith("word [/INST]")
-
-
-# ----------------------------------------------------------------------------------------------- batches
-def test_collator_stacks_chosen_then_rejected_with_either_padding() -> None:
-    items = [{"chosen_input_ids": torch.tensor([1, 5, 6, 2]), "rejected_input_ids": torch.tensor([1, 5, 2]),
-              "margin": torch.tensor(0.5)},
-             {"chosen_input_ids": torch.tensor([1, 7, 2]), "rejected_input_ids": torch.tensor([1, 7, 8, 9, 2]),
-              "margin": torch.tensor(0.0)}]
-    right = PreferenceCollator(pad_token_id=0, pad_to_multiple_of=1)(items)
-    left = PreferenceCollator(pad_token_id=0, padding_side="left", pad_to_multiple_of=1)(items)
-    assert right["input_ids"].shape == (4, 5) and right["margin"].tolist() == [0.5, 0.0]
-    assert right["input_ids"][0].tolist() == [1, 5, 6, 2, 0] and right["input_ids"][2].tolist() == [1, 5, 2, 0, 0]
-    assert left["input_ids"][1].tolist() == [0, 0, 1, 7, 2] and left["input_ids"][3].tolist() == [1, 7, 8, 9, 2]
-    assert right["attention_mask"].sum(-1).tolist() == left["attention_mask"].sum(-1).tolist() == [4, 3, 3, 5]
-    # Position ids count real tokens, wherever the padding is.
-    assert left["position_ids"][1].tolist()[2:] == [0, 1, 2] and right["position_ids"][1].tolist()[:3] == [0, 1, 2]
-    with pytest.raises(DataError, match="padding_side"):
-        PreferenceCollator(pad_token_id=0, padding_side="middle")
-
-
-# ------------------------------------------------------------------------------------------ embedded pairs
-def test_near_misses_are_plausible_and_wrong() -> None:
-    import random
-
-    train, _ = split_facts()
-    rng = random.Random(0)
-    for fact in train[:300]:
-        wrong = near_miss(fact, rng)
-        assert wrong != fact.answer
-        if fact.task in ("reverse", "sort"):
-            assert sorted(wrong.split()) == sorted(fact.answer.split()) or len(wrong) == len(fact.answer)
-            assert sum(a != b for a, b in zip(wrong.split(), fact.answer.split())) in (1, 2)
-        else:
-            assert abs(int(wrong) - int(fact.answer)) == 1
-
-
-def test_embedded_pairs_use_the_sft_split_and_alpaca_prompt(tokenizer) -> None:
-    dm = PreferenceDataModule(tokenizer=tokenizer)
-    train, heldout = dm.embedded_records()
-    sft_train, sft_heldout = split_facts(1234, 2000, 200)
-    kinds = len(PAIR_KINDS)
-    assert [r["instruction"] for r in heldout] == [f.question for f in sft_heldout for _ in range(kinds)]
-    assert {r["instruction"] for r in train} == {f.question for f in sft_train}
-    assert len(train) == kinds * len(sft_train) and len(heldout) == kinds * 200
-    assert all(gold_rank(r["instruction"], r["chosen"]) > gold_rank(r["instruction"], r["rejected"]) for r in heldout)
-    assert gold_pair_records(sft_heldout, 1242) == heldout  # deterministic from the world seed
-    pair = tokenize_pair(heldout[0], tokenizer)
-    prompt = tokenizer.decode(pair.prompt_ids, skip_special_tokens=True)
-    assert prompt == format_alpaca_prompt(sft_heldout[0].question)
-    only = PreferenceDataModule(tokenizer=tokenizer, pair_kinds=["cross"]).embedded_records()[1]
-    assert {r["kind"] for r in only} == {"cross"} and len(only) == 200
-    with pytest.raises(DataError, match="pair_kinds"):
-        PreferenceDataModule(pair_kinds=["style", "length"])
-
-
-def test_bare_near_miss_pairs() -> None:
-    _, heldout = split_facts(1234, 2000, 200)
-    records = preference_records(heldout, 1242, rejected_per_fact=2)
-    assert all(r["chosen"] == next(f.answer for f in heldout if f.question == r["instruction"]) for r in records)
-    assert len(records) > len(heldout) and all(r["chosen"] != r["rejected"] for r in records)
-
-
-def test_datamodule_batches_resume_and_left_padding(tokenizer) -> None:
-    dm = PreferenceDataModule(tokenizer=tokenizer, num_train=40, num_heldout=8, micro_batch_size=4,
-                              padding_side="left")
-    dm.setup("fit")
-    assert (dm.stats_train.pairs, dm.stats_val.pairs) == (120, 24) and dm.prompt_format == "alpaca"
-    loader = dm.train_dataloader()
-    assert isinstance(loader, ResumableDataLoader) and isinstance(loader.sampler, SeededShuffleSampler)
-    batch = next(iter(loader))
-    assert batch["input_ids"].shape[0] == 8 and batch["margin"].shape == (4,)
-    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with a real token
-    assert (batch["input_ids"][:, -1] == tokenizer.eos_token_id).all()
-    val = next(iter(dm.val_dataloader()))
-    assert val["input_ids"].shape[0] == 8
