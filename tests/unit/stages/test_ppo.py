@@ -4,7 +4,6 @@ changes, exact resume, and the recipe on local stand-ins."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import lightning as L
