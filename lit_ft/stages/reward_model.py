@@ -243,7 +243,6 @@ class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
     # ------------------------------------------------------------- optimiser
     def evaluation_roles(self) -> None:
         """Nothing to generate: the held-out evaluation of a reward model is its pairwise accuracy (validation)."""
-        return
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
