@@ -36,6 +36,7 @@ from typing import Literal
 
 from lit_ft.data.gold import (
     DEFAULT_STYLE_WEIGHTS,
+    ALL_PAIR_KINDS,
     PAIR_KINDS,
     GoldJudge,
     PairKind,
@@ -126,7 +127,8 @@ class PairSettings:
             (:data:`lit_ft.data.gold.PAIR_KINDS`, all three by default): ``style`` (a correct answer in the
             preferred style over one in another style), ``correctness`` (a correct answer over a near miss, one
             style) and ``cross`` (a correct answer in another style over a near miss in the preferred style, so that
-            the style never outweighs correctness).
+            the style never outweighs correctness); opt-in ``restatement`` (the preferred sentence over the same
+            sentence restating the question wrongly; not yet measured, see docs/rlhf.md).
         rejected_per_fact: ``near_miss`` training pairs per fact, each with a different wrong answer (1: one near
             miss; the held-out split always has 1).
         extra_facts: fresh facts of the same tasks added to the training pairs (never a held-out question), so that
@@ -141,9 +143,9 @@ class PairSettings:
     def __post_init__(self) -> None:
         if self.labels not in ("gold", "near_miss"):
             raise DataError(f"pairs.labels must be 'gold' or 'near_miss', got {self.labels!r}")
-        unknown = sorted(set(self.kinds) - set(PAIR_KINDS))
+        unknown = sorted(set(self.kinds) - set(ALL_PAIR_KINDS))
         if unknown or not self.kinds:
-            raise DataError(f"pairs.kinds: expected some of {', '.join(PAIR_KINDS)}, got {list(self.kinds)}")
+            raise DataError(f"pairs.kinds: expected some of {', '.join(ALL_PAIR_KINDS)}, got {list(self.kinds)}")
         if self.rejected_per_fact < 1:
             raise DataError(f"rejected_per_fact must be >= 1, got {self.rejected_per_fact}")
 

@@ -42,10 +42,14 @@ PREFERRED_STYLE: Style = "sentence"
 # choice after the answer to stopping (the bare answer, 60%); "label" (15%) is a second non-preferred style, kept
 # small because its answers follow another context ("Answer:") that SFT must learn separately.
 DEFAULT_STYLE_WEIGHTS: dict[str, float] = {"bare": 0.60, "label": 0.15, "sentence": 0.25}
-PairKind = Literal["style", "correctness", "cross"]
+PairKind = Literal["style", "correctness", "cross", "restatement"]
 # style: preferred-correct over other-correct (rank 2 > 1); correctness: correct over wrong in one style
 # (>= 1 > 0); cross: other-correct over preferred-wrong (1 > 0), so that the style never outweighs correctness.
 PAIR_KINDS: tuple[PairKind, ...] = ("style", "correctness", "cross")
+# restatement (opt-in, not yet measured): the preferred sentence over the same sentence restating the question
+# wrongly (2 > 1). Seed 42's PPO (docs/rlhf.md) learned the sentence's shape with a wrong restatement, which no
+# default pair contrasts.
+ALL_PAIR_KINDS: tuple[PairKind, ...] = (*PAIR_KINDS, "restatement")
 
 _NUMBER, _DIGITS, _LETTERS = r"\d+", r"\d(?: \d)*", r"[a-z](?: [a-z])*"
 _LABEL = re.compile(r"Answer:\s*(?P<answer>.+?)\.?")
@@ -252,7 +256,27 @@ def _pair(kind: str, question: Question, wrong: str, rng: random.Random) -> tupl
         return question.render(style), question.render(style, wrong)
     if kind == "cross":
         return question.render(rng.choice(others)), question.render(PREFERRED_STYLE, wrong)
-    raise ValueError(f"unknown pair kind {kind!r} (expected one of {', '.join(PAIR_KINDS)})")
+    if kind == "restatement":
+        return question.render(PREFERRED_STYLE), misstated(question, rng).render(PREFERRED_STYLE, question.answer)
+    raise ValueError(f"unknown pair kind {kind!r} (expected one of {', '.join(ALL_PAIR_KINDS)})")
+
+
+def misstated(question: Question, rng: random.Random) -> Question:
+    """The question with one slot changed (a number off by one; one item of a sequence changed by one step), so
+    that a sentence restating it restates it wrongly."""
+    values = dict(question.values)
+    name = rng.choice(sorted(values))
+    items = values[name].split(" ")
+    i = rng.randrange(len(items))
+    item = items[i]
+    if item.isdigit() and len(items) == 1:
+        items[i] = str(int(item) + 1)
+    elif item.isdigit():
+        items[i] = str((int(item) + 1) % 10)
+    else:
+        items[i] = chr((ord(item) - 97 + 1) % 26 + 97)
+    values[name] = " ".join(items)
+    return Question(question.task, tuple(values.items()), question.answer)
 
 
 def gold_pair_records(facts: Sequence[Fact], seed: int, kinds: Sequence[str] = PAIR_KINDS) -> list[dict]:

@@ -131,3 +131,15 @@ def test_pairs_are_labelled_by_the_gold_judge() -> None:
             assert response_style(r["rejected"]) == "sentence" and response_style(r["chosen"]) != "sentence"
     assert gold_pair_records(train[:300], seed=7) == records  # deterministic
     assert {r["kind"] for r in gold_pair_records(train[:10], seed=7, kinds=["style"])} == {"style"}
+
+
+def test_restatement_pairs_contrast_a_faithful_sentence_with_a_misstated_one() -> None:
+    from lit_ft.data.gold import ALL_PAIR_KINDS
+
+    train, _ = split_facts()
+    records = gold_pair_records(train[:300], seed=7, kinds=["restatement"])
+    assert "restatement" in ALL_PAIR_KINDS and "restatement" not in PAIR_KINDS  # opt-in
+    for r in records:
+        assert (gold_rank(r["instruction"], r["chosen"]), gold_rank(r["instruction"], r["rejected"])) == (2, 1), r
+        assert response_style(r["rejected"]) == "sentence" and r["chosen"] != r["rejected"]
+        assert exact_match(r["rejected"], r["chosen"])  # the same answer: only the restatement differs
