@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lit_ft.data.gold import (
-    DEFAULT_STYLE_WEIGHTS,
     ALL_PAIR_KINDS,
+    DEFAULT_STYLE_WEIGHTS,
     PAIR_KINDS,
     GoldJudge,
     PairKind,
