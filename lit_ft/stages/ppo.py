@@ -19,6 +19,7 @@ the forward passes in :mod:`lit_ft.rl.rollout`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -42,11 +43,10 @@ from lit_ft.backbone import (
     load_adapter,
     save_adapter,
 )
+from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.formats import Prompt
-from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.errors import ConfigError
-from lit_ft.metrics import exact_match, per_task_counts
-from lit_ft.padding import pad_rows, position_ids_from_mask
+from lit_ft.padding import position_ids_from_mask
 from lit_ft.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
 from lit_ft.rl.kl import AdaptiveKLController, FixedKLController
 from lit_ft.rl.losses import (
@@ -59,7 +59,7 @@ from lit_ft.rl.losses import (
 )
 from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import Rollout, response_hidden, response_logits, sample
-from lit_ft.stages.reward_model import init_score_head, load_reward_model, sequence_rewards
+from lit_ft.stages.reward_model import RewardScorer, init_score_head, load_reward_model
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
 
@@ -105,6 +105,9 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         reference_adapter: the adapter of the "adapter" reference.
         rewards: programmatic rewards (``class_path``), added to the reward-model score.
         reward_model_weight: weight of the normalised reward-model score (1.0).
+        gold_reward: a hidden gold reward (``class_path``, e.g. :class:`lit_ft.rl.rewards.GoldReward`), for logging
+            only: ``gold/score`` at each rollout beside the reward-model score, and the gold win-rate of the
+            held-out evaluation. It never enters the reward PPO trains on (Gao et al. 2022's proxy-vs-gold set-up).
         optimizer: callable making the optimiser of the policy and value parameters.
         scheduler: callable making the LR scheduler (warm-up + cosine by default), stepped per update.
         kl_controller: the KL coefficient beta, fixed or adaptive (Ziegler et al. 2019); default fixed 0.05.
@@ -126,7 +129,8 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         whiten_rewards: whiten the per-token rewards before GAE (off).
         sampling_seed: seed of the sampling and minibatch generator (checkpointed: exact resume); None takes
             the global seed (``seed_everything``), so one seed sets the whole run.
-        num_eval: held-out prompts scored before and after training (greedy), None for all.
+        num_eval: held-out prompts scored before and after training (greedy): exact match, gold win-rate, reward-model
+            score and KL to the reference, overall and per task family; None for all.
         eval_batch_size: prompts per batch when scoring held-out prompts.
         num_logged_samples: generations per logged sample table.
         export_dir: where the policy adapter and the value adapter and head are written when training ends.
@@ -144,6 +148,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         reference_adapter: str | None = None,
         rewards: list[ProgrammaticReward] | None = None,
         reward_model_weight: float = 1.0,
+        gold_reward: ProgrammaticReward | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = WarmupCosine,
         kl_controller: FixedKLController | AdaptiveKLController | None = None,
@@ -170,7 +175,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         export_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards", "kl_controller"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards", "kl_controller", "gold_reward"])
         self.automatic_optimization = False
         if value_init not in ("reward", "fresh"):
             raise ConfigError(f"value_init must be 'reward' or 'fresh', got {value_init!r}")
@@ -186,6 +191,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.reference_adapter = reference_adapter or policy_adapter
         self.rewards = list(rewards or [])
         self.reward_model_weight = reward_model_weight
+        self.gold_reward = gold_reward
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.kl_controller = kl_controller or FixedKLController(0.05)
         self.kl_estimator = kl_estimator
@@ -204,11 +210,10 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.model: nn.Module | None = None
         self.value_head: nn.Linear | None = None
         self.reward_head: nn.Linear | None = None
+        self.reward_scorer: RewardScorer | None = None  # the reward model's own scorer (lit_ft.stages.reward_model)
         self.reward_stats: dict[str, Any] = {"mean": 0.0, "std": 1.0}
         self.generator = torch.Generator().manual_seed(
             torch.initial_seed() if sampling_seed is None else sampling_seed)
-        self.evaluations: dict[str, dict[str, float]] = {}
-        self._eval_texts: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -232,6 +237,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         hidden_size = model.get_input_embeddings().embedding_dim
         if self.reward_model_dir is not None:
             scorer = load_reward_model(model, self.reward_model_dir, REWARD)
+            object.__setattr__(self, "reward_scorer", scorer)  # not a submodule: its model is self.model
             self.reward_head, self.reward_stats = scorer.head, dict(scorer.stats)
             say(f"ppo: reward model from {self.reward_model_dir} (normalised with mean "
                 f"{self.reward_stats.get('mean', 0.0):.3f}, std {self.reward_stats.get('std', 1.0):.3f})")
@@ -278,10 +284,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         """Normalised reward-model scores of prompt + response, read at the last response token."""
         ids = torch.cat([query, response], dim=1)
         mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-        with active_adapter(self.model, REWARD):
-            raw = sequence_rewards(self.model, self.reward_head, ids, mask, position_ids_from_mask(mask))
-        mean, std = reward_mean_std(self.reward_stats)
-        return (raw - mean) / std
+        return self.reward_scorer(ids, mask, position_ids_from_mask(mask), normalize=True)
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], texts: list[str], query, query_mask, response, response_mask
@@ -400,11 +403,26 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
             "time/update_s": trained - generated,
         })
         metrics.update({f"train/score_{k}": float(v.mean()) for k, v in r.score_parts.items()})
+        metrics.update(self._gold_metrics(r))
         self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=len(r.query))
         self.log("score", metrics["train/score"], prog_bar=True, on_step=True, logger=False)
         self.log("kl", metrics["train/kl"], prog_bar=True, on_step=True, logger=False)
+        if "gold/score" in metrics:
+            self.log("gold", metrics["gold/score"], prog_bar=True, on_step=True, logger=False)
         if batch_idx % 10 == 0:
             self._log_samples(r)
+
+    def _gold_metrics(self, r: Rollout) -> dict[str, float]:
+        """``gold/score`` (and ``gold/win_rate`` when the gold reward has a top score) of the rollout's samples:
+        computed after the rewards and advantages, for the log only."""
+        if self.gold_reward is None:
+            return {}
+        gold = self.gold_reward(r.prompts, r.texts).float()
+        out = {"gold/score": float(gold.mean())}
+        top = getattr(self.gold_reward, "top_score", None)
+        if top is not None:
+            out["gold/win_rate"] = float((gold >= top).float().mean())
+        return out
 
     def _log_samples(self, r: Rollout) -> None:
         rows = [[p.text[-200:], t, float(s)] for p, t, s in zip(r.prompts, r.texts, r.scores)]
@@ -414,85 +432,28 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
                                 data=rows[: self.num_logged_samples], step=self.global_step)
 
     # ------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, prompts: list[Prompt], checkable: bool) -> dict[str, Any]:
-        """Greedy responses to held-out prompts: exact match (where checkable) and mean reward-model score."""
-        was_training = self.model.training
-        self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        texts, rm_scores = [], []
-        device = self.device
-        for start in range(0, len(prompts), self.eval_batch_size):
-            query, query_mask = pad_rows([p.input_ids for p in prompts[start:start + self.eval_batch_size]], pad,
-                                         "left")
-            query, query_mask = query.to(device), query_mask.to(device)
-            with active_adapter(self.model, POLICY):
-                samples = sample(self.model, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
-                                 pad, greedy=True)
-            texts += self._decode(samples.tokens, samples.mask)
-            if self.reward_head is not None:
-                rm_scores += self.reward_model_scores(query, query_mask, samples.tokens, samples.mask).tolist()
-        self.model.train(was_training)
-        result: dict[str, Any] = {"texts": texts, "prompts": prompts}
-        if checkable:
-            right = [exact_match(t, p.reference) for t, p in zip(texts, prompts)]
-            result["exact_match"] = sum(right) / len(prompts)
-            result["right"] = right
-        if rm_scores:
-            result["reward_model_score"] = sum(rm_scores) / len(rm_scores)
-        return result
+    def evaluation_roles(self) -> EvaluationRoles:
+        """The held-out evaluation's roles (:mod:`lit_ft.callbacks.evaluation`): the policy adapter, the reference
+        (the frozen SFT adapter or the bare base) for the KL at the sampling temperature, and the reward model's
+        own scorer, normalised with its stored statistics."""
+        reference = self._reference_adapter()
+        scorer = None
+        if self.reward_scorer is not None:
+            scorer = functools.partial(self.reward_scorer, normalize=True)
+        return EvaluationRoles(
+            self.model, self.tokenizer, policy=lambda: active_adapter(self.model, POLICY),
+            reference=lambda: active_adapter(self.model, reference), scorer=scorer, temperature=self.temperature,
+            names=("SFT policy", "PPO policy"), max_new_tokens=self.max_new_tokens)
 
-    def _heldout(self) -> tuple[list[HeldOutItem], bool]:
-        """The data module's held-out items (:class:`lit_ft.data.heldout.HeldOut`) and whether they are checkable."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not isinstance(datamodule, HeldOut):
-            return [], False
-        return datamodule.heldout(), bool(datamodule.checkable)
-
-    def _evaluate_and_report(self, tag: str) -> None:
-        items, checkable = self._heldout()
-        if self.num_eval is not None:
-            items = items[: self.num_eval]
-        if not items:
-            return
-        prompts = [item.prompt for item in items]
-        result = self.evaluate(prompts, checkable)
-        tasks = [item.task for item in items]
-        by_task = per_task_counts(result.get("right", []), tasks)
-        for task, (right, total) in by_task.items():
-            result[f"exact_match/{task}"] = right / total
-        self.evaluations[tag] = {k: v for k, v in result.items() if isinstance(v, float)}
-        self._eval_texts[tag] = result["texts"]
-        if not self.trainer.is_global_zero:
-            return
-        parts = []
-        if "exact_match" in result:
-            detail = ", ".join(f"{task} {right}/{total}" for task, (right, total) in by_task.items())
-            parts.append(f"exact match {result['exact_match']:.1%}" + (f" ({detail})" if detail else ""))
-        if "reward_model_score" in result:
-            parts.append(f"mean reward-model score {result['reward_model_score']:+.3f}")
-        print(f"held-out {tag} PPO ({len(prompts)} prompts, greedy): {', '.join(parts)}")
-        for logger in self.trainer.loggers:
-            logger.log_metrics({f"eval/{k}_{tag}": v for k, v in self.evaluations[tag].items()},
-                               step=self.global_step)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The held-out evaluation with PPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
+        :class:`GenerationTable` of the trainer's."""
+        scored = self.num_eval if self.num_eval is not None else 10**9  # None: every held-out prompt
+        return [GenerationTable(num_shown=min(6, scored), num_scored=scored, batch_size=self.eval_batch_size,
+                                max_new_tokens=self.max_new_tokens)]
 
     def on_train_start(self) -> None:
         self._check_checkpoint_interval()
-        self._evaluate_and_report("before")
-
-    def _print_before_after(self, rows: int = 6, width: int = 28) -> None:
-        """A few held-out prompts with the policy's greedy answer before PPO and after."""
-        before, after = self._eval_texts.get("before"), self._eval_texts.get("after")
-        prompts = [item.prompt for item in self._heldout()[0]]
-        if not before or not after or not prompts:
-            return
-        def cell(text: str) -> str:
-            text = " ".join(text.split())
-            return text if len(text) <= width else text[: width - 3] + "..."
-        print(f"{'prompt (end)':<{width + 12}} | {'reference':<10} | {'before PPO':<{width}} | after PPO")
-        for prompt, b, a in list(zip(prompts, before, after))[:rows]:
-            question = " ".join(prompt.text.replace("### Response:", "").split())[-(width + 12):]
-            print(f"{question:<{width + 12}} | {cell(prompt.reference or '-'):<10} | {cell(b):<{width}} | {cell(a)}")
 
     def _check_checkpoint_interval(self) -> None:
         """Checkpoints must fall on rollout boundaries: every_n_train_steps a multiple of updates per batch."""
@@ -507,15 +468,8 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
                                     "minibatches), so that checkpoints fall between batches")
 
     def on_train_end(self) -> None:
-        self._evaluate_and_report("after")
-        if self.trainer.is_global_zero:
-            before, after = self.evaluations.get("before", {}), self.evaluations.get("after", {})
-            self._print_before_after()
-            for key in ("exact_match", "reward_model_score"):
-                if key in before and key in after:
-                    print(f"{key.replace('_', ' ')}: {before[key]:.4f} -> {after[key]:.4f}")
-            if self.export_dir:
-                print(f"lit_ft: saved the PPO policy and value to {self.export(self.export_dir)}")
+        if self.trainer.is_global_zero and self.export_dir:
+            print(f"lit_ft: saved the PPO policy and value to {self.export(self.export_dir)}")
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:

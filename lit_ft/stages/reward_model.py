@@ -241,6 +241,9 @@ class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
         return self._epoch_metrics(metrics, reduce=False)
 
     # ------------------------------------------------------------- optimiser
+    def evaluation_roles(self) -> None:
+        """Nothing to generate: the held-out evaluation of a reward model is its pairwise accuracy (validation)."""
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = lora_param_groups(self, self.backbone.lora)
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,

@@ -215,7 +215,8 @@ def test_resume_from_last_equals_uninterrupted(stages, tmp_path, capsys) -> None
     assert (tmp_path / "a" / "out" / "policy" / "adapter_config.json").exists()
     assert (tmp_path / "a" / "out" / "value" / "value_head.safetensors").exists()
     printed = capsys.readouterr().out
-    assert "held-out before PPO (4 prompts, greedy): exact match" in printed and "mean reward-model score" in printed
+    assert "held-out before training, SFT policy (4 prompts, greedy): gold win-rate" in printed
+    assert "mean reward-model score" in printed
 
 
 def test_checkpoints_must_fall_between_rollout_batches(stages, tmp_path) -> None:
@@ -249,7 +250,7 @@ def test_ppo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, cap
         "--data.init_args.micro_batch_size=16", "--trainer.max_steps=4", "--trainer.logger=false",
         "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
     out = capsys.readouterr().out
-    assert "ppo: policy from the adapter at" in out and "held-out after PPO" in out
+    assert "ppo: policy from the adapter at" in out and "held-out after training, PPO policy" in out
     assert (tmp_path / "artifacts" / "ppo" / "policy" / "adapter_model.safetensors").exists()
 
 
@@ -272,6 +273,98 @@ def test_7b_ppo_recipe_code_path_runs_on_local_stand_ins(stages, tmp_path, monke
         "--data.init_args.val_split_fraction=0.25", "--data.init_args.micro_batch_size=4",
         "--data.init_args.num_workers=0", "--trainer.max_steps=8"])
     out = capsys.readouterr().out
-    assert "held-out after PPO (2 prompts, greedy): mean reward-model score" in out, out[-2000:]
+    assert "held-out after training, PPO policy (2 prompts, greedy): mean reward-model score" in out, out[-2000:]
     assert list((tmp_path / "runs" / "mistral7b_qlora_ppo" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "artifacts" / "mistral7b_qlora_ppo" / "policy" / "adapter_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------ gold reward, evaluation
+class _SpyGold:
+    """A gold reward that varies per response (so that it would change the updates if it entered the reward) and
+    records what it was asked to judge."""
+
+    name = "gold"
+    top_score = 30.0
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        self.calls.append(list(responses))
+        return torch.tensor([10.0 * len(r) for r in responses])
+
+
+def _one_batch(stages, **overrides) -> tuple[PPO, L.Trainer]:
+    L.seed_everything(0)
+    module = _module(stages, **overrides)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(module, datamodule=_data())
+    return module, trainer
+
+
+def test_gold_reward_is_logged_and_never_enters_the_reward(stages) -> None:
+    plain, plain_trainer = _one_batch(stages)
+    gold = _SpyGold()
+    judged, trainer = _one_batch(stages, gold_reward=gold)
+    # the rollout's responses were judged and logged (the held-out evaluation uses the data's own judge)
+    assert len(gold.calls) == 1 and len(gold.calls[0]) == 8
+    logged = trainer.callback_metrics
+    assert float(logged["gold/score"]) == pytest.approx(sum(10.0 * len(t) for t in gold.calls[0]) / 8)
+    assert "gold/win_rate" in logged and "gold/score" not in plain_trainer.callback_metrics
+    # the trained reward is the same with and without the gold reward: same score, same updates
+    assert float(logged["train/score"]) == float(plain_trainer.callback_metrics["train/score"])
+    want = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+    got = dict(judged.named_parameters())
+    for name, p in want.items():
+        assert torch.equal(got[name], p), name
+
+
+def test_evaluation_reports_gold_exact_match_reward_model_and_kl(stages, capsys) -> None:
+    """PPO's held-out evaluation is the shared callback, given PPO's roles: the gold judge of the data, exact
+    match, the reward model's own scorer and the KL to the SFT adapter."""
+    from lit_ft.callbacks.evaluation import GenerationTable
+
+    module, trainer = _one_batch(stages, reference="adapter")
+    table = next(c for c in trainer.callbacks if isinstance(c, GenerationTable))
+    assert table.num_scored == 4 and table.batch_size == 4 and table.max_new_tokens == 6  # PPO's own settings
+    before, after = table.results["before"]["figures"], table.results["after"]["figures"]
+    for figures in (before, after):
+        for key in ("gold_win_rate", "exact_match", "reward_model_score", "kl_mean", "kl_max", "gold_score"):
+            assert key in figures, key
+        assert figures["gold_win_rate"] <= figures["exact_match"]
+        assert any(key.startswith("exact_match/") for key in figures)
+    assert before["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before training
+    assert after["kl_max"] >= after["kl_mean"] > 0
+    # the score is the reward model's own scorer, normalised: the same number PPO's rollouts are scored with
+    query = torch.tensor([[1, 5, 6]])
+    response, mask = torch.tensor([[7, 2]]), torch.ones(1, 2, dtype=torch.long)
+    ids, full = torch.cat([query, response], 1), torch.ones(1, 5, dtype=torch.long)
+    assert float(module.reward_model_scores(query, torch.ones_like(query), response, mask)) == pytest.approx(
+        float(module.reward_scorer(ids, full, normalize=True)))
+    out = capsys.readouterr().out
+    assert "held-out after training, PPO policy (4 prompts, greedy): gold win-rate" in out
+    assert "SFT policy" in out and "PPO policy" in out
+    assert "KL to the reference, max (nats)" in out
+
+
+def test_no_heldout_prompt_in_reward_model_or_ppo_training_data(tokenizer) -> None:
+    """The reward model's pairs and PPO's prompts (as configs/rm.yaml and configs/ppo.yaml make them) never ask a
+    held-out question; the held-out evaluation asks exactly the held-out questions."""
+    from lit_ft.data.embedded import PairSettings, PromptSettings
+    from lit_ft.data.formats import format_alpaca_prompt
+    from lit_ft.data.synthetic import split_facts
+
+    _, heldout = split_facts(1234, 2000, 200)
+    held = {f.question for f in heldout}
+    pairs = EmbeddedWorld(pairs=PairSettings(extra_facts=4000)).splits("preference")
+    assert not held & {r["instruction"] for r in pairs.train}
+    assert {r["instruction"] for r in pairs.val} == held
+    for settings in (PromptSettings(), PromptSettings(tasks=["add", "sort"], balance_tasks=True),
+                     PromptSettings(tasks=["add", "successor", "count", "max", "sort"], balance_tasks=True)):
+        dm = PromptDataModule(EmbeddedWorld(prompts=settings))
+        dm.connect(tokenizer)
+        dm.setup("fit")
+        held_prompts = {format_alpaca_prompt(q) for q in held}
+        assert {item.prompt.text for item in dm.heldout()} == held_prompts
+        assert not {p.text for p in dm.train_prompts} & held_prompts
