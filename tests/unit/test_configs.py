@@ -39,7 +39,7 @@ def _before(run: str, every: int, best: bool = True, evaluation: dict | None = N
 
 BEFORE = {
     "pretrain": _before("pretrain", 50, evaluation={"num_scored": 60}, name="pretrain-tiny"),
-    "sft": _before("sft", 100, evaluation={"num_scored": 200, "max_new_tokens": 16}, name="sft-tiny"),
+    "sft": _before("sft", 100, evaluation={"num_scored": 200, "max_new_tokens": 24}, name="sft-tiny"),
     "rm": _before("rm", 100, name="rm-tiny"),
     "ppo": _before("ppo", 40, best=False, name="ppo-tiny"),
     "mistral7b_qlora_alpaca": _before(
