@@ -30,12 +30,12 @@ import torch
 
 from lit_ft.backbone import BackboneError
 from lit_ft.backbone.base_record import BaseRecord
-from lit_ft.callbacks.evaluation import greedy_generate
 from lit_ft.cli import ToolParser
 from lit_ft.data.formats import Prompt, alpaca_messages, format_prompt
 from lit_ft.data.sources import DataError, Location, load_records_with_locations
 from lit_ft.errors import ConfigError
 from lit_ft.metrics import exact_match
+from lit_ft.padding import pad_rows
 from lit_ft.tools.loading import adapter_base, add_loading_flags, base_spec, describe, load_with_adapter
 
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
@@ -43,6 +43,29 @@ MERGED_META_FILE = "lit_ft.json"  # what `lit-ft export --merge` writes beside a
 
 
 # ------------------------------------------------------------------------------------------------ prompts
+
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions of token-id prompts, batched with left padding; returns the decoded new text."""
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = pad_rows(prompts[start : start + batch_size], tokenizer.pad_token_id, "left")
+        width = ids.shape[1]
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return outputs
+
 def prompt_rows(prompts: list[str] | None, file: str | None, alpaca_input: str = "") -> tuple[list[dict], list]:
     """Rows to prompt with: one per ``--prompt``, or the file's lines (``.txt``) or records; and their locations."""
     if file is None:
@@ -130,7 +153,7 @@ class Sampling:
 def generate_texts(model, tokenizer, prompts: list[Prompt], sampling: Sampling, stream: bool = False,
                    batch_size: int = 16) -> list[str]:
     """Completions of ``prompts`` (the new text only). Greedy without streaming runs batched
-    (:func:`lit_ft.callbacks.evaluation.greedy_generate`); streaming or sampling goes one prompt at a time,
+    (:func:`greedy_generate`); streaming or sampling goes one prompt at a time,
     printing tokens as they come when ``stream``."""
     ids = [p.input_ids for p in prompts]
     if not sampling.do_sample and not stream:
