@@ -18,3 +18,12 @@ class ConfigError(UserError):
 
 class BackboneError(UserError):
     """A problem with the base model, its tokenizer or its adapters (missing, mismatched, unsupported)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, unreadable, or written by a run the config does not continue
+    (another stage, base model, adapter or data); see :mod:`lit_ft.stages.run_contract`."""
+
+
+class OutputError(UserError):
+    """A place the run must write to that cannot take it: not writable, or too little free disk."""

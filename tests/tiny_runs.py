@@ -4,6 +4,7 @@ test-only callbacks and checkpoint writer that kill such a run (SIGKILL) at a ch
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -178,8 +179,11 @@ class KillingCheckpointIO(AtomicCheckpointIO):
         if self._writing == self.step:
             with open(tmp, "rb+") as f:
                 f.truncate(os.path.getsize(tmp) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.interrupt(tmp)
         super().commit(tmp, target)
+
+    def interrupt(self, tmp: Path) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordRanks(AtomicCheckpointIO):
@@ -220,3 +224,31 @@ class PoisonAt(L.Callback):
             param.copy_(value)
         now = dict(pl_module.named_parameters())
         self.changed.append(any(not torch.equal(now[n], v) for n, v in before.items()))
+
+
+class RecordLR(L.Callback):
+    """Appends ``<global step> <learning rate> <sum of |trainable weights|>`` before every training batch: the LR
+    that step trains with, and the weights it starts from (survives a SIGKILL: one write and close per line)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        weights = sum(float(p.detach().abs().sum()) for p in pl_module.parameters() if p.requires_grad)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {lr!r} {weights!r}\n")
+
+
+def read_lrs(path: Path) -> list[tuple[int, float, float]]:
+    """The (global step, learning rate, weight sum) lines a :class:`RecordLR` callback wrote, in order."""
+    return [(int(s), float(lr), float(w)) for s, lr, w in (line.split() for line in path.read_text().splitlines())]
+
+
+class FullDiskAt(KillingCheckpointIO):
+    """Atomic writer whose write of the checkpoint of ``step`` fails as on a full disk: half the bytes reach the
+    temporary file, then ``OSError(ENOSPC)``."""
+
+    def interrupt(self, tmp: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))

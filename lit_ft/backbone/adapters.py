@@ -58,6 +58,23 @@ def load_adapter(model, directory: str, adapter_name: str, trainable: bool = Fal
     return model
 
 
+def validate_lora(lora: LoraSettings) -> None:
+    """One line per impossible LoRA setting, each naming its own field (PEFT's messages would blame the targets)."""
+    if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
+        raise BackboneError(f"lora.r must be a positive integer (the adapter's rank), got {lora.r!r}")
+    if isinstance(lora.alpha, bool) or not isinstance(lora.alpha, (int, float)) or not lora.alpha > 0:
+        raise BackboneError(f"lora.alpha must be > 0 (updates are scaled by alpha / r), got {lora.alpha!r}")
+    if isinstance(lora.dropout, bool) or not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+        raise BackboneError(f"lora.dropout must be in [0, 1), got {lora.dropout!r}")
+    targets = lora.target_modules
+    if not targets or (not isinstance(targets, str) and not all(isinstance(t, str) and t for t in targets)):
+        raise BackboneError(f"lora.target_modules must name modules (or be 'all-linear'), got {targets!r}")
+    name = lora.adapter_name
+    if not isinstance(name, str) or not name.strip() or "." in name or name != name.strip():
+        raise BackboneError(f"lora.adapter_name must be a non-empty name without dots or spaces around it, "
+                            f"got {name!r}")
+
+
 def _check_all_loaded(model, directory: str | os.PathLike, adapter_name: str) -> None:
     """Every tensor of the saved adapter found a module of the same shape in ``model`` (PEFT only warns)."""
     from safetensors import safe_open
@@ -79,6 +96,7 @@ def add_adapter(model, lora: LoraSettings, trainable: bool = True):
     """Add a named LoRA adapter, to a plain model (making it a ``PeftModel``) or to an existing ``PeftModel``."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    validate_lora(lora)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -93,7 +111,10 @@ def add_adapter(model, lora: LoraSettings, trainable: bool = True):
         else:
             model = get_peft_model(model, config, adapter_name=lora.adapter_name)
     except ValueError as err:
-        raise BackboneError(f"lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}") from None
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "target" in message.lower() or "module" in message.lower():
+            raise BackboneError(f"lora.target_modules={lora.target_modules!r}: {message}") from None
+        raise BackboneError(f"lora: {message}") from None
     model.set_adapter(lora.adapter_name)
     if not trainable:
         for name, p in model.named_parameters():
@@ -114,18 +135,30 @@ def save_adapter(model, directory: str | os.PathLike, adapter_name: str, tokeniz
     from safetensors.torch import save_file
 
     out = Path(directory)
+    with staged_dir(out) as tmp:
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+        model.peft_config[adapter_name].save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if base is not None:
+            base.write(tmp)
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` to write into; it replaces ``out`` when the block ends, and is
+    removed when the block fails (a full disk, a permission): ``out`` is then left as it was."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
-    model.peft_config[adapter_name].save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if base is not None:
-        base.write(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out)
-    return out
 
 
 def trainable_state_dict(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:

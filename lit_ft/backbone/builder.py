@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from lit_ft.backbone.adapters import add_adapter, load_adapter, replace_dir, resolve_init_adapter
+from lit_ft.backbone.adapters import add_adapter, load_adapter, resolve_init_adapter, staged_dir
 from lit_ft.backbone.packed_attention import PACKED_ATTENTION, register_packed_attention
 from lit_ft.errors import BackboneError
 
@@ -418,13 +418,11 @@ def build_model(spec: Backbone, tokenizer, device_map=None):
 def save_full_model(model, directory: str | os.PathLike, tokenizer, metadata: dict | None = None) -> Path:
     """Save a plain transformers model with its tokenizer (atomically: temporary folder, then rename)."""
     out = Path(directory)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if metadata:
-        (tmp / "lit_ft.json").write_text(json.dumps(metadata, indent=2))
-    replace_dir(tmp, out)
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if metadata:
+            (tmp / "lit_ft.json").write_text(json.dumps(metadata, indent=2))
     return out
 
 

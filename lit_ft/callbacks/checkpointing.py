@@ -12,8 +12,13 @@ the previous checkpoint or the new one.
 - it installs :class:`AtomicCheckpointIO` when the strategy uses the plain ``TorchCheckpointIO`` (other
   strategies, FSDP or DeepSpeed, keep their own sharded writers);
 - it removes temporary files that a killed write left behind;
+- before the first step it checks that its directory accepts files and that the disk has room for the
+  checkpoints it will keep (:mod:`lit_ft.callbacks.preflight`); a write that fails during the run (a full disk,
+  a permission fault) removes its temporary file, keeps the previous checkpoint and ends the run in one line;
 - it stores the W&B run id in each checkpoint, and on resume asks a :class:`lit_ft.loggers.wandb_logger.WandbLogger` to
-  continue that run instead of starting a new one.
+  continue that run instead of starting a new one, but only when the checkpoint is this run's own (it lies in one
+  of this run's checkpoint directories). Starting from another run's checkpoint file forks: a new W&B run, and
+  nothing is written into the other run's directories.
 
 Retention is Lightning's: ``save_top_k`` by ``monitor`` keeps the best k, ``save_last`` keeps ``last.ckpt`` too.
 """
@@ -25,8 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+
+from lit_ft.callbacks.preflight import check_free_space, check_writable, checkpoint_bytes, is_local
+from lit_ft.errors import OutputError
 
 TMP_PREFIX = ".ckpt-write-"  # never contains "last", so Lightning's `ckpt_path="last"` search cannot pick one up
 TMP_SUFFIX = ".tmp"
@@ -45,24 +55,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _is_local(path: str | os.PathLike) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local writes are all-or-nothing: temporary file in the same folder, fsync,
-    ``os.replace``. Remote paths (``s3://`` ...) go through Lightning's own writer unchanged."""
+    ``os.replace``. Remote paths (``s3://`` ...) go through Lightning's own writer unchanged.
+
+    A write that fails (``ENOSPC``, ``EACCES``...) removes its temporary file, leaves the previous checkpoint as
+    it was, and raises :class:`lit_ft.errors.OutputError` (one line from ``lit-ft``).
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
-        if not _is_local(path):
+        if not is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         target = Path(str(path).removeprefix("file://"))
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_PREFIX}{os.getpid()}{TMP_SUFFIX}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.commit(tmp, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:  # written in place: no copy through the system temporary directory
+                torch.save(checkpoint, f)
+            self.commit(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            kept = f"the previous {target.name} is kept" if target.exists() else "no earlier checkpoint there"
+            raise OutputError(f"{target}: checkpoint not written ({err.strerror or err}); {kept}") from err
 
     def commit(self, tmp: Path, target: Path) -> None:
         """Flush the finished temporary file to disk and rename it onto ``target``."""
@@ -103,8 +121,19 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         strategy = trainer.strategy
         if type(getattr(strategy, "_checkpoint_io", None)) in (TorchCheckpointIO, type(None)):
             strategy.checkpoint_io = AtomicCheckpointIO()  # only replace the default writer, never a custom one
-        if trainer.is_global_zero and self.dirpath is not None and _is_local(self.dirpath):
+        if trainer.is_global_zero and self.dirpath is not None and is_local(self.dirpath):
+            check_writable(self.dirpath, "ModelCheckpoint.dirpath")
             remove_stale_writes(self.dirpath)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Room on the disk for the checkpoints this callback keeps (plus one being written), before any step."""
+        if not trainer.is_global_zero or self.dirpath is None:
+            return
+        kept = (1 if self.save_last else 0) + max(self.save_top_k, 0)
+        if self.save_top_k == -1:  # every checkpoint is kept
+            every = self._every_n_train_steps or 1
+            kept += max(1, trainer.max_steps // every) if trainer.max_steps and trainer.max_steps > 0 else 1
+        check_free_space(self.dirpath, checkpoint_bytes(pl_module) * (kept + 1), "ModelCheckpoint.dirpath")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -116,9 +145,27 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        ours = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        if ours[:1] != [self]:  # the first of this run's ModelCheckpoints decides, once
+            return
+        path = trainer.ckpt_path
+        if path is not None and not is_own_checkpoint(trainer, path):
+            wandb = any(hasattr(logger, "continue_run") for logger in trainer.loggers)
+            rank_zero_only(print)(f"lit_ft: starting from {path}, a checkpoint of another run: this run writes "
+                                  f"only to its own directories{' and logs to a new W&B run' if wandb else ''}")
+            return
         run_id = checkpoint.get(WANDB_RUN_ID_KEY)
         if run_id is None:
             return
         for logger in trainer.loggers:
             if hasattr(logger, "continue_run"):
                 logger.continue_run(run_id)
+
+
+def is_own_checkpoint(trainer: L.Trainer, path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies in one of ``trainer``'s checkpoint directories (a resume, not a fork)."""
+    if not is_local(path):
+        return True
+    folder = Path(str(path).removeprefix("file://")).resolve().parent
+    dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return any(is_local(d) and Path(str(d).removeprefix("file://")).resolve() == folder for d in dirs)

@@ -13,6 +13,8 @@ from typing import Any
 
 import lightning as L
 
+from lit_ft.loggers.run_dir import COST_FILE, write_json
+
 # AWS on-demand prices (us-east-1) of the two instances the seed recipe compares, one A10G 24 GB each.
 DEFAULT_PRICES = {"g5.4xlarge": 0.6942, "g5.8xlarge": 0.9331}
 
@@ -76,6 +78,8 @@ class CostTracker(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         hours = metrics["cost/elapsed_device_hours"]
+        write_json(trainer, COST_FILE, {"devices": self._devices(trainer), "prices": self.prices,
+                                        **{key.removeprefix("cost/"): value for key, value in metrics.items()}})
         if trainer.is_global_zero:
             costs = ", ".join(f"${hours * price:.4f} on {name} (${price}/h)" for name, price in self.prices.items())
             print(f"cost: {hours * 3600:.0f} s x {self._devices(trainer)} device(s) = {hours:.4f} device-hours"

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_ft.data.heldout import HeldOut
+from lit_ft.loggers.run_dir import EVALUATION_FILE, evaluation_record, write_json
 from lit_ft.metrics import exact_match, per_task_counts
 from lit_ft.padding import pad_rows
 
@@ -139,6 +140,7 @@ class GenerationTable(L.Callback):
         self._report(trainer, "after", self.evaluate(trainer, pl_module, "after"))
         if trainer.is_global_zero:
             self.print_table()
+            write_json(trainer, EVALUATION_FILE, evaluation_record(self.results))  # for the run's report.html
 
 
 def _tail(text: str, width: int) -> str:

@@ -11,12 +11,18 @@ whitespace" trick), so the concatenated segment texts are exactly the rendered t
 match tokenizing the whole string at once; a segment that follows BOS/EOS keeps the marker, as a
 whole-string encode does after a special token.
 
+Data is text. A record's strings never become control tokens: text such as ``</s>`` inside an instruction or a
+message is tokenized as the characters it is, on every path. Only a chat template's own markup (the text it
+puts around the messages, e.g. its ``{{ eos_token }}``) may contain control tokens: the rendering is cut into
+markup and message contents by rendering the conversation once more with placeholders in place of the contents.
+
 Formats: ``alpaca`` (instruction/input/output), ``chat`` (messages; Alpaca records too, as one user/assistant
 exchange), ``prompt_completion`` and ``text`` (raw pre-training text, every token supervised).
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -46,11 +52,16 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 class Segment(NamedTuple):
-    """A piece of rendered text; ``eos`` appends the EOS id (with the same supervision) after it."""
+    """A piece of rendered text; ``eos`` appends the EOS id (with the same supervision) after it.
+
+    ``markup``: a control token a chat template wrote around the messages (one special-token string, tokenized
+    to its id). Everything else, data included, is always tokenized as text.
+    """
 
     text: str
     supervised: bool
     eos: bool = False
+    markup: bool = False
 
 
 @dataclass
@@ -223,6 +234,74 @@ def _render_template(tokenizer: Any, messages: list[dict], template: str | None,
     return text if isinstance(text, str) else str(text)
 
 
+_PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no tokenizer's markup, and left alone by `trim`
+_PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def _content_spans(tokenizer: Any, messages: list[dict[str, str]], template: str, generation: bool,
+                   location: Location | None, text: str) -> list[tuple[int, int]]:
+    """Where the message contents lie in ``text``, the template's rendering of ``messages``.
+
+    The conversation is rendered again with a placeholder for each content: what the template writes around the
+    placeholders is its markup. Each content is then found between the markup pieces, as written or with the
+    surrounding whitespace a template's ``trim`` removes.
+    """
+    marked = [dict(message, content=_PLACEHOLDER.format(i)) for i, message in enumerate(messages)]
+    parts = _PLACEHOLDER_RE.split(_render_template(tokenizer, marked, template, generation, location))
+    markup, order = parts[0::2], [int(i) for i in parts[1::2]]
+    if not text.startswith(markup[0]):
+        raise DataError("chat template renders differently depending on the message contents; lit_ft cannot "
+                        "tell its markup from the data", location, "messages")
+    spans, pos = [], len(markup[0])
+    for k, index in enumerate(order):
+        content, following, last = messages[index]["content"], markup[k + 1], k == len(order) - 1
+        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            end = pos + len(candidate)
+            if text.startswith(candidate, pos) and (text[end:] == following if last
+                                                    else text.startswith(following, end)):
+                break
+        else:
+            raise DataError(f"chat template changes the content of message {index} beyond trimming whitespace; "
+                            "lit_ft cannot keep the data apart from the template's markup", location,
+                            f"messages[{index}].content")
+        if candidate:
+            spans.append((pos, end))
+        pos = end + len(following)
+    return spans
+
+
+def _special_tokens_pattern(tokenizer: Any) -> re.Pattern | None:
+    specials = sorted(set(getattr(tokenizer, "all_special_tokens", ()) or ()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _control_and_text(text: str, start: int, spans: list[tuple[int, int]], supervised: bool,
+                      specials: re.Pattern | None) -> list[Segment]:
+    """``text[start:]`` as segments: the special tokens the template's markup writes (``markup`` segments, one
+    control token each), and the text between them, message contents included (always text).
+
+    Text is cut only where a control token stands, as a whole-string encode cuts it, so ids match tokenizing
+    the rendering at once whenever the data holds no special-token text.
+    """
+    pieces, run, pos = [], start, start
+    markup_regions = []
+    for a, b in [*spans, (len(text), len(text))]:
+        if b <= pos:
+            continue
+        if a > pos:
+            markup_regions.append((pos, a))
+        pos = max(pos, b)
+    for a, b in markup_regions:
+        for match in specials.finditer(text, a, b) if specials else ():
+            if match.start() > run:
+                pieces.append(Segment(text[run:match.start()], supervised))
+            pieces.append(Segment(match.group(), supervised, markup=True))
+            run = match.end()
+    if run < len(text):
+        pieces.append(Segment(text[run:], supervised))
+    return pieces
+
+
 def _template_chat_segments(messages: list[dict[str, str]], tokenizer: Any, template: str,
                             location: Location | None, generation_prompt: bool = False) -> list[Segment]:
     """Cut a chat-template rendering into segments by rendering growing prefixes of the conversation.
@@ -230,31 +309,33 @@ def _template_chat_segments(messages: list[dict[str, str]], tokenizer: Any, temp
     For each assistant turn, the text between "history + generation prompt" and "history + that turn"
     is the supervised answer (including whatever end-of-turn marker the template emits). Templates whose
     renderings of shorter conversations are not prefixes of longer ones cannot be split this way.
-    With ``generation_prompt`` the segments end with the prompt for a new assistant turn.
+    With ``generation_prompt`` the segments end with the prompt for a new assistant turn. Each piece is further
+    cut at the control tokens of the template's markup; message contents (:func:`_content_spans`) stay text.
     """
     segments: list[Segment] = []
     done = ""
+    specials = _special_tokens_pattern(tokenizer)
 
-    def cut(prefix_len: int, generation: bool, index: int) -> str:
+    def cut(prefix_len: int, generation: bool, index: int, supervised: bool) -> None:
         nonlocal done
         text = _render_template(tokenizer, messages[:prefix_len], template, generation, location)
         if not text.startswith(done):
             raise DataError(f"chat template is not prefix-stable at message {index} (rendering a longer "
                             "conversation changes earlier text); use a different chat_template", location,
                             "messages")
-        piece, done = text[len(done):], text
-        return piece
+        spans = _content_spans(tokenizer, messages[:prefix_len], template, generation, location, text)
+        segments.extend(_control_and_text(text, len(done), spans, supervised, specials))
+        done = text
 
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            segments.append(Segment(cut(i, True, i), supervised=False))
-            segments.append(Segment(cut(i + 1, False, i), supervised=True))
+            cut(i, True, i, supervised=False)
+            cut(i + 1, False, i, supervised=True)
     if generation_prompt:
-        segments.append(Segment(cut(len(messages), True, len(messages)), supervised=False))
+        cut(len(messages), True, len(messages), supervised=False)
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and segments and segments[0].text.startswith(bos):
-        # We add BOS as an id ourselves; keep the template's copy out of the text.
-        segments[0] = Segment(segments[0].text[len(bos):], supervised=False)
+    if bos and segments and segments[0].markup and segments[0].text == bos:
+        segments.pop(0)  # we add BOS as an id ourselves; keep the template's copy out
     return segments
 
 
@@ -291,17 +372,17 @@ def record_segments(record: dict, tokenizer: Any, format: str = "auto",
 _NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids of "\n"
 
 
-def _encode(tokenizer: Any, text: str, special_tokens_in_text: bool, continuation: bool) -> list[int]:
+def _encode(tokenizer: Any, text: str, markup: bool, continuation: bool) -> list[int]:
     """Encode text without automatic special tokens.
 
     ``continuation``: the text directly follows other text, so drop the word-boundary marker a
     sentencepiece tokenizer would prepend (encode ``"\n" + text`` and cut the newline's ids off).
-    ``special_tokens_in_text``: let strings like ``</s>`` become control tokens (chat-template output);
-    otherwise data text always stays text.
+    ``markup``: a chat template's own text, where strings like ``</s>`` are control tokens; any other text, the
+    data above all, is split as text (``split_special_tokens``).
     """
     if not text:
         return []
-    split = not special_tokens_in_text
+    split = not markup
     if not continuation:
         return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split))
     newline = _NEWLINE_IDS.get(tokenizer)
@@ -314,22 +395,22 @@ def _encode(tokenizer: Any, text: str, special_tokens_in_text: bool, continuatio
     return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split))  # newline merged
 
 
-def _encode_segments(segments: list[Segment], tokenizer: Any, special_tokens_in_text: bool) -> list[list[int]]:
+def _encode_segments(segments: list[Segment], tokenizer: Any) -> list[list[int]]:
     """Ids of each segment (EOS included where asked), encoded as a continuation of what precedes it."""
-    specials = tuple(getattr(tokenizer, "all_special_tokens", ())) if special_tokens_in_text else ()
+    specials = tuple(getattr(tokenizer, "all_special_tokens", ()))
     after_special = True  # every sequence starts with BOS
     encoded = []
     for segment in segments:
-        ids = _encode(tokenizer, segment.text, special_tokens_in_text, continuation=not after_special)
+        ids = _encode(tokenizer, segment.text, segment.markup, continuation=not after_special)
         if segment.eos:
             ids.append(tokenizer.eos_token_id)
         if segment.eos or segment.text:
-            after_special = segment.eos or (bool(specials) and segment.text.endswith(specials))
+            after_special = segment.eos or (segment.markup and bool(specials) and segment.text.endswith(specials))
         encoded.append(ids)
     return encoded
 
 
-def tokenize_segments(segments: list[Segment], tokenizer: Any, special_tokens_in_text: bool = False) -> dict:
+def tokenize_segments(segments: list[Segment], tokenizer: Any) -> dict:
     """BOS + each segment's ids (+ EOS where asked), with labels = ids on supervised segments else -100.
 
     The sequence always ends with a supervised EOS, so the model learns to stop after the last answer.
@@ -337,7 +418,7 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, special_tokens_in
     eos = tokenizer.eos_token_id
     input_ids: list[int] = [tokenizer.bos_token_id]
     labels: list[int] = [IGNORE_INDEX]
-    for segment, ids in zip(segments, _encode_segments(segments, tokenizer, special_tokens_in_text)):
+    for segment, ids in zip(segments, _encode_segments(segments, tokenizer)):
         input_ids.extend(ids)
         labels.extend(ids if segment.supervised else [IGNORE_INDEX] * len(ids))
     if input_ids[-1] != eos:  # e.g. a chat template whose turns end with a marker other than EOS
@@ -350,9 +431,7 @@ def tokenize_record(record: dict, tokenizer: Any, format: str = "auto",
                     chat_template: str | None = None, location: Location | None = None) -> dict:
     """Tokenize one record into ``{"input_ids": [...], "labels": [...]}`` (same length, plain lists)."""
     fmt = resolve_format(format, record, location)
-    segments = record_segments(record, tokenizer, fmt, chat_template, location)
-    templated = fmt == "chat" and _chat_template_for(tokenizer, chat_template) is not None
-    return tokenize_segments(segments, tokenizer, special_tokens_in_text=templated)
+    return tokenize_segments(record_segments(record, tokenizer, fmt, chat_template, location), tokenizer)
 
 
 def format_prompt(record: dict, tokenizer: Any, format: str = "auto",
@@ -390,7 +469,7 @@ def format_prompt(record: dict, tokenizer: Any, format: str = "auto",
         else:
             segments = _template_chat_segments(messages, tokenizer, template, location, generation_prompt=True)
     input_ids = [tokenizer.bos_token_id]
-    for ids in _encode_segments(segments, tokenizer, template is not None):
+    for ids in _encode_segments(segments, tokenizer):
         input_ids.extend(ids)
     eos_text = getattr(tokenizer, "eos_token", None) or ""
     text = "".join(segment.text + (eos_text if segment.eos else "") for segment in segments)

@@ -4,6 +4,11 @@ With credentials (``WANDB_API_KEY``, or a ``wandb login`` entry in ``~/.netrc``)
 they are written offline into the run directory and can be uploaded later with ``wandb sync``. ``WANDB_MODE``,
 when set, wins.
 
+Online runs keep W&B's own settings: its terminal lines (the run URL), console capture and system charts (GPU,
+CPU, memory). Offline runs are quiet in the terminal (W&B's lines would only repeat the folder and the sync
+command, which lit_ft prints in one line) and do not capture the console, but keep the system metrics, so that a
+run uploaded later with ``wandb sync`` has its GPU charts. Settings passed as ``settings:`` win over both.
+
 A resumed fit (``--ckpt_path``) continues the W&B run of its checkpoint: :class:`lit_ft.callbacks.checkpointing.ModelCheckpoint`
 stores the run id in every checkpoint and calls :meth:`WandbLogger.continue_run` when one is restored.
 """
@@ -57,8 +62,8 @@ class WandbLogger(_LightningWandbLogger):
         if offline is None:
             offline = mode in ("offline", "dryrun") or (mode != "online" and not wandb_credentials_available())
         os.makedirs(save_dir, exist_ok=True)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        kwargs.setdefault("settings", _quiet_settings())
+        if offline and kwargs.get("settings") is None:  # the CLI passes every wandb.init argument, None when unset
+            kwargs["settings"] = offline_settings()
         super().__init__(
             project=project, save_dir=save_dir, name=name, offline=offline, log_model=log_model, **kwargs
         )
@@ -119,7 +124,10 @@ class WandbLogger(_LightningWandbLogger):
             self._experiment = None
 
 
-def _quiet_settings():
+def offline_settings():
+    """W&B settings of an offline run: no W&B lines in the terminal (``silent``) and no console capture
+    (``console="off"``: it wraps sys.stdout for a log that only ``wandb sync`` would show); system metrics stay on
+    (they upload with the run). Online runs get W&B's defaults: nothing an account holder expects is hidden."""
     import wandb
 
-    return wandb.Settings(console="off", silent=True, x_disable_stats=True)
+    return wandb.Settings(console="off", silent=True)

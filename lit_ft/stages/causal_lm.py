@@ -25,17 +25,17 @@ from lit_ft.backbone import (
     BackboneModule,
     build_model,
     decoder_and_head,
-    keep_trainable_in_checkpoint,
     save_adapter,
     save_full_model,
 )
 from lit_ft.backbone.neftune import NEFTune
 from lit_ft.losses.lm import DEFAULT_CHUNK_SIZE, supervised_token_loss
 from lit_ft.padding import example_lengths_from_attention_mask, example_lengths_from_position_ids
+from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
 
-class CausalLM(BackboneModule, L.LightningModule):
+class CausalLM(CheckpointContract, BackboneModule, L.LightningModule):
     """Causal language modelling on the shared backbone: SFT with LoRA, or pre-training with ``lora: null``.
 
     Args:
@@ -68,7 +68,6 @@ class CausalLM(BackboneModule, L.LightningModule):
         self.export_dir = export_dir
         self._tokenizer = None
         self.model: torch.nn.Module | None = None
-        self.strict_loading = False  # checkpoints hold trainable parameters only, never the frozen base
         self.val_loss = MeanMetric()
         self._step_loss_sum = 0.0
         self._step_tokens = 0
@@ -81,6 +80,11 @@ class CausalLM(BackboneModule, L.LightningModule):
         self.model = build_model(self.load_spec(), self.tokenizer, device_map=self.quantized_device_map())
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes as found
         self.neftune.attach(self.model.get_input_embeddings())
+
+    @property
+    def stage(self) -> str:
+        """The run-record stage (:mod:`lit_ft.stages.run_contract`): pre-training trains every weight, SFT LoRA."""
+        return "sft" if self.backbone.lora is not None else "pretrain"
 
     @property
     def adapter_name(self) -> str | None:
@@ -152,11 +156,8 @@ class CausalLM(BackboneModule, L.LightningModule):
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
                                       self.trainer.estimated_stepping_batches)
 
-    # ------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable parameters: a 7B QLoRA checkpoint stays adapter-sized."""
-        keep_trainable_in_checkpoint(self, checkpoint)
-
+    # ------------------------------------------------------------ export
+    # (checkpoint hooks: CheckpointContract keeps trainable parameters only and checks a resume against the config)
     def export(self, directory: str) -> str:
         """Write the adapter in PEFT format, or the whole model when every parameter was trained."""
         if self.adapter_name is not None:

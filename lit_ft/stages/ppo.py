@@ -38,7 +38,6 @@ from lit_ft.backbone import (
     active_adapter,
     add_adapter,
     build_model,
-    keep_trainable_in_checkpoint,
     load_adapter,
     save_adapter,
 )
@@ -70,6 +69,7 @@ from lit_ft.rl.losses import (
 from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import Rollout, response_hidden, response_logits, sample
 from lit_ft.stages.reward_model import init_score_head, load_reward_model, sequence_rewards
+from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
 VALUE, REWARD = "value", "reward"
@@ -97,7 +97,7 @@ def _chunks(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
-class PPO(BackboneModule, L.LightningModule):
+class PPO(CheckpointContract, BackboneModule, L.LightningModule):
     """PPO on the shared backbone (manual optimisation), with exact resume.
 
     Args:
@@ -140,6 +140,8 @@ class PPO(BackboneModule, L.LightningModule):
         num_logged_samples: generations per logged sample table.
         export_dir: where the policy adapter and the value adapter and head are written when training ends.
     """
+
+    stage = "ppo"
 
     def __init__(
         self,
@@ -213,7 +215,6 @@ class PPO(BackboneModule, L.LightningModule):
         self.reward_stats: dict[str, Any] = {"mean": 0.0, "std": 1.0}
         self.generator = torch.Generator().manual_seed(
             torch.initial_seed() if sampling_seed is None else sampling_seed)
-        self.strict_loading = False  # checkpoints hold the trainable adapters and the value head only
         self.evaluations: dict[str, dict[str, float]] = {}
         self._eval_texts: dict[str, list[str]] = {}
 
@@ -520,12 +521,13 @@ class PPO(BackboneModule, L.LightningModule):
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Trainable adapters and value head, plus what makes resume exact: KL controller and RNG states."""
-        keep_trainable_in_checkpoint(self, checkpoint)
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), "generator": self.generator.get_state(),
                              "torch_rng": torch.get_rng_state(),
                              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint the config does not continue
         state = checkpoint.get("ppo")
         if state is None:
             return

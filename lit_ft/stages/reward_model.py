@@ -36,7 +36,6 @@ from lit_ft.backbone import (
     active_adapter,
     build_model,
     decoder_and_head,
-    keep_trainable_in_checkpoint,
     load_adapter,
     resolve_init_adapter,
     save_adapter,
@@ -49,6 +48,7 @@ from lit_ft.losses.reward import (
     pairwise_loss,
 )
 from lit_ft.padding import last_token_index, position_ids_from_mask
+from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
 HEAD_FILE = "score_head.safetensors"
@@ -76,7 +76,7 @@ def sequence_rewards(model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
     return head(last.to(head.weight.dtype)).squeeze(-1).float()
 
 
-class RewardModel(BackboneModule, L.LightningModule):
+class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
     """Pairwise (Bradley-Terry) reward model: LoRA on the shared backbone plus a scalar score head.
 
     Args:
@@ -89,6 +89,9 @@ class RewardModel(BackboneModule, L.LightningModule):
             the value Eisenstein et al. 2023 and TRL suggest). Keeps rewards near zero for PPO.
         export_dir: where to write the adapter, the score head and the reward statistics when training ends.
     """
+
+    stage = "reward_model"
+    checkpoint_buffers = ("reward_mean", "reward_std")  # checkpoints hold the adapter, the head and these
 
     def __init__(
         self,
@@ -114,7 +117,6 @@ class RewardModel(BackboneModule, L.LightningModule):
         self._tokenizer = None
         self.model: nn.Module | None = None
         self.score_head: nn.Linear | None = None
-        self.strict_loading = False  # checkpoints hold the adapter, the head and the reward stats only
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float32))
         self.register_buffer("reward_std", torch.ones((), dtype=torch.float32))
         self.val_metrics = PairMetrics()
@@ -244,11 +246,7 @@ class RewardModel(BackboneModule, L.LightningModule):
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
                                       self.trainer.estimated_stepping_batches)
 
-    # ------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the trainable parameters (adapter, head) and the reward statistics, never the frozen base."""
-        keep_trainable_in_checkpoint(self, checkpoint, extra=("reward_mean", "reward_std"))
-
+    # ------------------------------------------------------------ export
     def reward_stats(self) -> dict[str, Any]:
         """What ``reward_stats.json`` holds: normalisation statistics and where the adapter belongs."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

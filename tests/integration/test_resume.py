@@ -1,11 +1,18 @@
 """Resume after a real SIGKILL: a `lit-ft fit` subprocess is killed between checkpoints, resumed with
 `--ckpt_path last`, killed again in the middle of a checkpoint write, resumed again, and must end with the same
 trainable weights as an uninterrupted run (max abs diff <= 1e-6 on CPU), having trained on exactly the same
-batches, in one W&B run. SFT and PPO run as subprocesses; the reward model resumes in process."""
+batches, in one W&B run. SFT and PPO run as subprocesses; the reward model resumes in process.
+
+The contract between a checkpoint and a resumed config (lit_ft.stages.run_contract): a longer run follows the new
+schedule (finished and extended, or killed and resumed with a larger max_steps); a checkpoint file of another run
+forks without writing into that run and keeps the config's settings; a renamed adapter is refused, never loaded
+partially."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -16,13 +23,17 @@ import torch
 from lit_ft.backbone import Backbone, LoraSettings
 from lit_ft.callbacks.checkpointing import TMP_PREFIX, ModelCheckpoint
 from lit_ft.data.preference import PreferenceDataModule
+from lit_ft.errors import CheckpointError
 from lit_ft.stages.reward_model import RewardModel
+from lit_ft.stages.run_contract import RECORD_KEY
+from lit_ft.stages.schedules import WarmupCosine
 from tests.tiny_models import StopAt
 from tests.tiny_runs import (
     adapter_weights,
     max_abs_diff,
     ppo_config,
     read_batches,
+    read_lrs,
     run_fit,
     save_tiny_base,
     sft_config,
@@ -135,10 +146,10 @@ def _pairs(path: Path, n: int) -> Path:
 
 
 def _fit_rm(run_dir: Path, base: str, data: Path, stop_at: int | None = None,
-            ckpt_path: str | None = None) -> RewardModel:
+            ckpt_path: str | None = None, adapter: str = "reward") -> RewardModel:
     L.seed_everything(11)
     module = RewardModel(Backbone(pretrained=base, lora=LoraSettings(r=4, alpha=8, dropout=0.0,
-                                                                     adapter_name="reward")),
+                                                                     adapter_name=adapter)),
                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     datamodule = PreferenceDataModule(source=str(data), val_split_fraction=0.0, max_seq_length=64, micro_batch_size=4)
     callbacks = [ModelCheckpoint(dirpath=run_dir, save_last=True, every_n_train_steps=2, save_top_k=0)]
@@ -159,3 +170,132 @@ def test_reward_model_resumes_exactly(base, tmp_path) -> None:
     got = dict(resumed.named_parameters())
     assert any(n.startswith("score_head.") for n in want) and any("lora_" in n for n in want)
     assert max(float((got[n] - p).abs().max()) for n, p in want.items()) <= TOLERANCE
+
+
+def test_reward_model_resume_with_a_renamed_adapter_is_refused_before_loading(base, tmp_path) -> None:
+    """With strict_loading off, a renamed adapter used to match none of the checkpoint's tensors and train on from
+    fresh LoRA weights with the old step count and optimiser. Now it is refused by the run record, and by the
+    tensor check alone for a checkpoint written before the record existed."""
+    data = _pairs(tmp_path / "pairs.jsonl", 8)
+    _fit_rm(tmp_path / "run", base, data, stop_at=3)
+    last = tmp_path / "run" / "last.ckpt"
+    with pytest.raises(CheckpointError, match=r"adapters is \['reward'\] in the checkpoint, \['judge'\] in the config"):
+        _fit_rm(tmp_path / "run", base, data, ckpt_path="last", adapter="judge")
+    legacy = torch.load(last, weights_only=False)
+    del legacy[RECORD_KEY]
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    with pytest.raises(CheckpointError, match=r"tensors are not in it .*nothing was loaded"):
+        _fit_rm(tmp_path / "other", base, data, ckpt_path=str(tmp_path / "legacy.ckpt"), adapter="judge")
+
+
+# ------------------------------------------------------------------------------- the contract, through lit-ft
+def _record_lr(run_dir: Path) -> dict:
+    return {"class_path": "tests.tiny_runs.RecordLR", "init_args": {"path": str(run_dir / "lr.txt")}}
+
+
+def _schedule(total: int, steps: int, lr: float = 1e-2) -> list[float]:
+    """The learning rate of each step of a fresh ``total``-step WarmupCosine run (the config's defaults)."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = WarmupCosine(optimizer)
+    scheduler.set_total_steps(total)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_extending_a_finished_run_trains_on_with_the_new_schedule(base, tmp_path) -> None:
+    """`--ckpt_path last --trainer.max_steps=8` after a run of 4: steps 5-8 used to run at lr 0.0."""
+    data = write_alpaca(tmp_path / "train.jsonl", 48)
+    run = tmp_path / "run"
+    config = sft_config(base, data, run, max_steps=4, every=2, wandb=False, callbacks=[_record_lr(run)])
+    _run(tmp_path, "four", config)
+    first = adapter_weights(run / "adapter")
+    result = run_fit(write_config(tmp_path / "four.yaml", config), tmp_path, "--ckpt_path", "last",
+                     "--trainer.max_steps=8")
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = read_lrs(run / "lr.txt")
+    assert [step for step, *_ in records] == list(range(8))
+    want = _schedule(total=8, steps=8)
+    print("extended run, LR by step:", [f"{lr:.2e}" for _, lr, _ in records])
+    for step, lr, _ in records[4:]:
+        assert lr > 0 and lr == pytest.approx(want[step], rel=1e-9), (step, lr, want[step])
+    sums = [weights for *_, weights in records[4:]]
+    assert len(set(sums)) == len(sums)  # every extended step starts from weights the previous one changed
+    assert max_abs_diff(first, adapter_weights(run / "adapter")) > 1e-4
+    assert _step_of(run / "checkpoints" / "last.ckpt") == 8
+    assert "schedule horizon: checkpoint 4 steps, config 8 steps" in result.stdout
+
+
+def test_killed_run_resumed_with_a_larger_max_steps_follows_the_new_schedule(base, tmp_path) -> None:
+    data = write_alpaca(tmp_path / "train.jsonl", 48)
+    run = tmp_path / "run"
+    config = sft_config(base, data, run, max_steps=10, every=2, wandb=False, callbacks=[_record_lr(run)])
+    killed = dict(config, trainer=dict(config["trainer"], callbacks=config["trainer"]["callbacks"] + [_kill_at(5)]))
+    _run(tmp_path, "killed", killed, killed=True)
+    assert _step_of(run / "checkpoints" / "last.ckpt") == 4
+    _run(tmp_path, "resumed", config, "--ckpt_path", "last", "--trainer.max_steps=16")
+    records = read_lrs(run / "lr.txt")
+    resumed = records[5:]  # the killed run recorded steps 0-4; the resumed one restarts at the checkpoint, step 4
+    assert [step for step, *_ in resumed] == list(range(4, 16))
+    old, new = _schedule(total=10, steps=16), _schedule(total=16, steps=16)
+    assert records[4][1] == pytest.approx(old[4], rel=1e-9) and old[4] != pytest.approx(new[4], rel=1e-3)
+    for step, lr, _ in resumed:
+        assert lr > 0 and lr == pytest.approx(new[step], rel=1e-9), (step, lr, new[step])
+    sums = [weights for *_, weights in resumed]
+    assert sums[0] == pytest.approx(records[4][2], rel=1e-6)  # the resume starts from the step-4 checkpoint
+    assert len(set(sums)) == len(sums)  # and the weights keep changing up to step 16
+    assert _step_of(run / "checkpoints" / "last.ckpt") == 16
+
+
+@pytest.mark.parametrize("naming", ["other-run", "copied-elsewhere"])
+def test_a_checkpoint_file_of_another_run_forks_and_the_config_wins(naming, base, tmp_path) -> None:
+    """An explicit `--ckpt_path FILE` used to replace the config's model settings with the checkpoint's
+    hyper-parameters (LightningCLI): the resumed run exported into the other run's adapter folder and ignored
+    command-line overrides. Now the config wins, and the other run's files do not change."""
+    data = write_alpaca(tmp_path / "train.jsonl", 48)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(tmp_path, "a", sft_config(base, data, a, max_steps=4, every=2, wandb=False))
+    checkpoint = a / "checkpoints" / "last.ckpt"
+    if naming == "copied-elsewhere":
+        (tmp_path / "elsewhere").mkdir()
+        checkpoint = Path(shutil.copy(checkpoint, tmp_path / "elsewhere" / "model.ckpt"))
+    before = _files(a)
+    config = write_config(tmp_path / "b.yaml", sft_config(base, data, b, max_steps=6, every=2, wandb=False))
+    result = run_fit(config, tmp_path, "--ckpt_path", str(checkpoint), "--model.init_args.loss_chunk_size=64",
+                     "--model.init_args.optimizer.init_args.lr=0.02")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _files(a) == before  # nothing of run a was written, moved or removed
+    saved = torch.load(b / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 6
+    assert saved["hyper_parameters"]["export_dir"] == str(b / "adapter")
+    assert saved["hyper_parameters"]["loss_chunk_size"] == 64
+    assert saved["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 0.02  # the config's peak LR
+    assert max_abs_diff(adapter_weights(a / "adapter"), adapter_weights(b / "adapter")) > 1e-4
+    assert saved[RECORD_KEY]["settings.loss_chunk_size"] == 64
+    assert "a checkpoint of another run" in result.stdout
+
+
+def test_a_renamed_adapter_is_refused_and_the_run_is_left_as_it_was(base, tmp_path) -> None:
+    data = write_alpaca(tmp_path / "train.jsonl", 48)
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "sft.yaml", sft_config(base, data, run, max_steps=4, every=2, wandb=False))
+    assert run_fit(config, tmp_path).returncode == 0
+    before = _files(run)
+    result = run_fit(config, tmp_path, "--ckpt_path", "last", "--trainer.max_steps=8",
+                     "--model.init_args.backbone.lora.adapter_name=renamed")
+    assert result.returncode == 2, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    want = (f"lit-ft: error: {run / 'checkpoints' / 'last.ckpt'}: cannot resume: adapters is ['sft'] in the "
+            "checkpoint, ['renamed'] in the config; the checkpoint's weights are stored under its adapter names, so "
+            "none would load")
+    assert errors == [want], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert _files(run) == before  # no step ran: the weights, checkpoint and export are the first run's

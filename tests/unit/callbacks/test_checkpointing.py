@@ -3,7 +3,9 @@ and checkpoints that hold the adapter and its optimiser state, never the frozen 
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings
+from lit_ft.callbacks import preflight
 from lit_ft.callbacks.checkpointing import (
     TMP_PREFIX,
     AtomicCheckpointIO,
@@ -18,6 +21,7 @@ from lit_ft.callbacks.checkpointing import (
     remove_stale_writes,
 )
 from lit_ft.data.instruction import InstructionDataModule
+from lit_ft.errors import OutputError
 from lit_ft.stages.causal_lm import CausalLM
 from tests.tiny_runs import RecordRanks, save_tiny_base, write_alpaca
 
@@ -99,3 +103,60 @@ def test_custom_checkpoint_io_is_kept(tmp_path, base, tokenizer) -> None:
     trainer = _fit(tmp_path, base, tokenizer, [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)],
                    max_steps=2, plugins=[io], limit_val_batches=0)
     assert trainer.strategy.checkpoint_io is io and (tmp_path / "ckpt" / "saved-by-rank-0").exists()
+
+
+def test_failed_write_removes_its_temporary_file_keeps_the_previous_checkpoint_and_says_so(tmp_path,
+                                                                                          monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    target = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, target)
+
+    def full_disk(obj, f, *args, **kwargs):  # half a checkpoint reaches the disk, then it is full
+        f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputError) as info:
+        io.save_checkpoint({"global_step": 2}, target)
+    monkeypatch.undo()
+    assert str(info.value) == f"{target}: checkpoint not written (No space left on device); the previous last.ckpt is kept"
+    assert torch.load(target, weights_only=False)["global_step"] == 1
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_checkpoint_folder_is_checked_before_the_first_step(tmp_path, base, tokenizer, monkeypatch) -> None:
+    """Unwritable (under a file) in setup; without room for the checkpoints it keeps (+1 being written) once the
+    model is built; both before any step."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match=r"ModelCheckpoint.dirpath \(.*file/ckpt\): not writable"):
+        _fit(tmp_path, base, tokenizer, [ModelCheckpoint(dirpath=tmp_path / "file" / "ckpt", save_last=True)],
+             max_steps=1, limit_val_batches=0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage._replace(free=preflight.MARGIN_BYTES))
+    callback = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=2, monitor="val/loss")
+    with pytest.raises(OutputError, match=r"16.0 MiB free on its disk, the run needs about"):
+        _fit(tmp_path, base, tokenizer, [callback], max_steps=1, limit_val_batches=0)
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+    module = CausalLM(Backbone(pretrained=base, lora=LoraSettings(r=4, alpha=8, adapter_name="sft")))
+    module.configure_model()
+    lora_bytes = sum(p.numel() * 4 for n, p in module.named_parameters() if "lora_" in n)
+    assert preflight.checkpoint_bytes(module) == 3 * lora_bytes  # weights and two Adam moments
+
+
+def test_failed_export_leaves_the_previous_export_and_no_temporary_folder(tmp_path, tokenizer, monkeypatch) -> None:
+    import safetensors.torch
+
+    from lit_ft.backbone import build_model, save_adapter
+    from tests.tiny_models import tiny_backbone
+
+    model = build_model(tiny_backbone(), tokenizer)
+    out = save_adapter(model, tmp_path / "adapter", "sft")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "adapter.tmp"))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(model, out, "sft")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # the earlier export, and nothing else
