@@ -8,7 +8,7 @@ SFT_ADAPTER := artifacts/sft/adapter/adapter_config.json
 RM_EXPORT := artifacts/rm/reward_stats.json
 ARGS ?=
 
-.PHONY: install pretrain sft rm ppo pipeline test test-all bench bench-packing bench-memory gpu-check estimate sweep lint clean
+.PHONY: install pretrain sft rm ppo dpo pipeline test test-all bench bench-packing bench-memory gpu-check estimate sweep lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ rm: $(SFT_ADAPTER)
 # PPO of the SFT policy against the reward model (both made first when absent).
 ppo: $(SFT_ADAPTER) $(RM_EXPORT)
 	$(LITFT) fit --config configs/ppo.yaml $(ARGS)
+
+# DPO of the SFT policy on the preference pairs, no reward model (the SFT adapter is made first when absent).
+dpo: $(SFT_ADAPTER)
+	$(LITFT) fit --config configs/dpo.yaml $(ARGS)
 
 # The whole post-training pipeline on the embedded default: pre-train (once), SFT, reward model, PPO.
 pipeline:

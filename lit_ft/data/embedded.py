@@ -9,6 +9,7 @@ facts, which seed) once, and gives each data shape its records:
 * ``instruction``: the SFT tasks, Alpaca records with exactly checkable answers; the held-out split asks facts the
   SFT split never shows;
 * ``preference``: pairs of the SFT facts, chosen = the right answer, rejected = a near miss (:func:`near_miss`);
+  the held-out evaluation (DPO's) is given the held-out instruction prompts, whose answers exact match checks;
 * ``prompt``: the SFT training instructions PPO samples from (of chosen task families, optionally balanced), and
   the held-out instructions, whose answers exact match checks.
 
@@ -201,9 +202,10 @@ class EmbeddedWorld:
                 seen = {f.question for f in train + heldout}
                 extra = generate_facts(self.pairs.extra_facts, self.world_seed + PAIRS_EXTRA_SEED_OFFSET)
                 train = train + [f for f in extra if f.question not in seen]
-            return RecordSplits(
+            return RecordSplits(  # evaluation asks the held-out facts' questions, whose answers are checkable
                 preference_records(train, self.world_seed + PAIRS_TRAIN_SEED_OFFSET, self.pairs.rejected_per_fact),
-                preference_records(heldout, self.world_seed + PAIRS_HELDOUT_SEED_OFFSET, 1))
+                preference_records(heldout, self.world_seed + PAIRS_HELDOUT_SEED_OFFSET, 1),
+                heldout=instruction_records(heldout), checkable=True)
         if shape == "prompt":
             if self.prompts.tasks is not None:
                 train = [f for f in train if f.task in self.prompts.tasks]
