@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -34,16 +34,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from lit_ft.backbone import (
-    Backbone,
-    BackboneError,
-    BackboneModule,
-    LoraSettings,
-    active_adapter,
-    add_adapter,
-    build_model,
-    load_adapter,
-    save_adapter,
+from lit_ft.backbone import Backbone, BackboneModule, LoraSettings, active_adapter, build_model, save_adapter
+from lit_ft.backbone.roles import (
+    POLICY,
+    Reference,
+    add_policy,
+    add_reference,
+    check_reference,
+    disable_dropout,
+    train_only,
+    warn_unmerged_reference,
 )
 from lit_ft.data.formats import Prompt
 from lit_ft.data.heldout import HeldOut, HeldOutItem
@@ -71,7 +71,7 @@ from lit_ft.stages.reward_model import load_reward_model, sequence_rewards
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
-POLICY, REWARD, REFERENCE = "policy", "reward", "reference"
+REWARD = "reward"
 # Checkpoints are taken between rollout batches (``_check_checkpoint_interval``): the state after the step is the
 # one to resume from.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -127,7 +127,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         self,
         backbone: Backbone | None = None,
         policy_adapter: str | None = "artifacts/sft/adapter",
-        reference: Literal["adapter", "base"] = "adapter",
+        reference: Reference = "adapter",
         rewards: list[ProgrammaticReward] | None = None,
         reward_model: str | None = None,
         reward_model_weight: float = 1.0,
@@ -168,6 +168,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
             raise ConfigError(f"model.minibatch_size must be at least 1 (or null), got {minibatch_size}")
         if beta < 0:
             raise ConfigError(f"model.beta must be >= 0, got {beta}")
+        check_reference(reference)
         if reference == "adapter" and policy_adapter is None and beta > 0:
             raise ConfigError("reference: adapter needs model.policy_adapter (or use reference: base)")
         self.backbone = backbone or Backbone(lora=LoraSettings())
@@ -187,6 +188,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.num_logged_samples, self.export_dir = num_logged_samples, export_dir
         self._tokenizer = None
         self.model: nn.Module | None = None
+        self._reference_name: str | None = None  # the adapter the reference runs under (None: adapters disabled)
         self.reward_head: nn.Linear | None = None
         self.reward_stats: dict[str, Any] = {"mean": 0.0, "std": 1.0}
         self.generator = torch.Generator().manual_seed(
@@ -201,27 +203,17 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
             return
         model = build_model(dataclasses.replace(self.load_spec(), lora=None, init_adapter=None), self.tokenizer,
                             device_map=self.quantized_device_map())
-        say = rank_zero_only(print)
-        if self.policy_adapter is not None:
-            if not (Path(self.policy_adapter) / "adapter_config.json").exists():
-                raise BackboneError(f"{self.policy_adapter}: policy adapter not found (run `make sft`, or set "
-                                    "model.policy_adapter: null to start from a fresh adapter)")
-            model = load_adapter(model, self.policy_adapter, POLICY, trainable=True)
-            say(f"grpo: policy from the adapter at {self.policy_adapter}")
-        else:
-            model = add_adapter(model, dataclasses.replace(self.backbone.lora or LoraSettings(), adapter_name=POLICY))
-            say("grpo: policy from a fresh adapter on the base")
+        model, line = add_policy(model, self.policy_adapter, self.backbone.lora or LoraSettings())
+        rank_zero_only(print)(f"grpo: {line}")
         if self.reward_model_dir is not None:
             scorer = load_reward_model(model, self.reward_model_dir, REWARD)
             self.reward_head, self.reward_stats = scorer.head, dict(scorer.stats)
-        if self.beta > 0 and self.reference == "adapter":
-            model = load_adapter(model, self.policy_adapter, REFERENCE, trainable=False)
+        if self.beta > 0:  # beta = 0: no reference at all, not even its adapter
+            warn_unmerged_reference("grpo", self.reference, self.policy_adapter)
+            model, self._reference_name = add_reference(model, self.reference, self.policy_adapter)
         model.set_adapter(POLICY)
-        for name, p in model.named_parameters():  # PEFT's set_adapter also toggles requires_grad: set them once
-            p.requires_grad_(f".{POLICY}." in name)
-        for module in model.modules():  # dropout would make rollout and update log-probs disagree
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        train_only(model, (POLICY,))
+        disable_dropout(model)  # dropout would make rollout and update log-probs disagree
         self.model = model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -242,9 +234,6 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
             logits = self._logits(query[rows], query_mask[rows], response[rows], response_mask[rows], adapter=adapter)
             parts.append(logprobs_from_logits(logits, response[rows]))
         return torch.cat(parts)
-
-    def _reference_adapter(self) -> str | None:
-        return REFERENCE if self.reference == "adapter" else None
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], texts: list[str], query, query_mask, response, response_mask
@@ -296,7 +285,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         old = None
         if self.num_iterations > 1 or self._updates_per_iteration(len(query)) > 1:
             old = self._logprobs(query, query_mask, response, mask, POLICY)
-        ref = self._logprobs(query, query_mask, response, mask, self._reference_adapter()) if self.beta else None
+        ref = self._logprobs(query, query_mask, response, mask, self._reference_name) if self.beta else None
         texts = self._decode(response, mask)
         rows = [p for p in prompts for _ in range(G)]
         rewards, parts = self.score(rows, texts, query, query_mask, response, mask)
