@@ -52,6 +52,10 @@ ppo: $(SFT_ADAPTER) $(RM_EXPORT)
 dpo: $(SFT_ADAPTER)
 	$(LITFT) fit --config configs/dpo.yaml $(ARGS)
 
+# GRPO of the SFT policy with programmatic rewards (the SFT adapter made first when absent): no reward model.
+grpo: $(SFT_ADAPTER)
+	$(LITFT) fit --config configs/grpo.yaml $(ARGS)
+
 # The whole post-training pipeline on the embedded default: pre-train (once), SFT, reward model, PPO.
 pipeline:
 	$(MAKE) sft
@@ -84,6 +88,12 @@ clean:
 bench:
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q 'trl>=1.16,<2'   # the bench extra, not a runtime dependency
 	$(BIN)/python bench/sft_vs_trl.py
+
+# lit_ft GRPO against TRL's GRPOTrainer on the same model, prompts, G, max_new_tokens and steps (installs trl, the
+# bench extra, when it is missing). Its last line is the samples-per-second and peak-memory ratio.
+bench-rl:
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q 'trl>=1.16,<2'   # the bench extra, not a runtime dependency
+	$(BIN)/python bench/grpo_vs_trl.py $(ARGS)
 
 bench-packing:
 	$(BIN)/python bench/packing.py
