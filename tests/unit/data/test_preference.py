@@ -84,7 +84,7 @@ def test_datamodule_batches_resume_and_left_padding(tokenizer) -> None:
     dm = PreferenceDataModule(EmbeddedWorld(num_train=40, num_heldout=8), micro_batch_size=4, padding_side="left")
     dm.connect(tokenizer)
     dm.setup("fit")
-    assert (dm.stats_train.pairs, dm.stats_val.pairs) == (40, 8) and dm.prompt_format == "alpaca"
+    assert (dm.stats_train.pairs, dm.stats_val.pairs) == (120, 24) and dm.prompt_format == "alpaca"  # 3 kinds
     loader = dm.train_dataloader()
     assert isinstance(loader, ResumableDataLoader) and isinstance(loader.sampler, SeededShuffleSampler)
     batch = next(iter(loader))
