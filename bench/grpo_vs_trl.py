@@ -156,7 +156,7 @@ def run_lit_ft(setup: Setup) -> dict:
                           lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")),
         policy_adapter=None, rewards=[ExactMatchReward()], num_generations=setup.group, loss_type="dapo",
         beta=0.0, num_iterations=1, temperature=setup.temperature, max_new_tokens=setup.max_new_tokens,
-        forward_batch_size=setup.prompts * setup.group, num_eval=0,
+        forward_batch_size=setup.prompts * setup.group, num_eval=0, eval_kl=False,
         optimizer=lambda p: torch.optim.AdamW(p, lr=setup.lr, weight_decay=0.0),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
     )
@@ -279,7 +279,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)  # 1.0: TRL's default
     parser.add_argument("--lr", type=float, default=1e-5)  # 1e-5: TRL's GRPO default
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per side (0: torch's default; 1: on a shared machine, contending "
+                             "threads spin and vary single runs severalfold, docs/rollouts.md)")
     parser.add_argument("--rounds", type=int, default=1, help="run the sides alternately this many times")
     parser.add_argument("--sides", default="lit_ft,trl", help="which sides to run, comma-separated")
     parser.add_argument("--child", help=argparse.SUPPRESS)

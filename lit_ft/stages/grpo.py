@@ -48,7 +48,7 @@ from lit_ft.backbone.roles import (
 from lit_ft.data.formats import Prompt
 from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.errors import ConfigError
-from lit_ft.metrics import exact_match, per_task_counts
+from lit_ft.metrics import exact_match
 from lit_ft.padding import pad_rows, position_ids_from_mask
 from lit_ft.rl.advantages import (
     AdvantageBaseline,
@@ -57,7 +57,7 @@ from lit_ft.rl.advantages import (
     group_reward_stats,
     masked_mean,
 )
-from lit_ft.rl.kl import KLEstimator
+from lit_ft.rl.kl import KLEstimator, sequence_kl
 from lit_ft.rl.losses import (
     LossNormalisation,
     entropy_from_logits,
@@ -67,6 +67,7 @@ from lit_ft.rl.losses import (
 )
 from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import GroupRollout, response_hidden, response_logits, sample
+from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table
 from lit_ft.stages.reward_model import load_reward_model, sequence_rewards
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
@@ -88,7 +89,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         backbone: the base model; its ``lora`` settings make the policy adapter when ``policy_adapter`` is None.
         policy_adapter: the SFT adapter the policy starts from (required to exist when set).
         reference: "adapter" (a frozen copy of ``policy_adapter``: the SFT model, when the SFT adapter is not
-            merged into the base) or "base" (adapters disabled). Only loaded and run when ``beta`` > 0.
+            merged into the base) or "base" (adapters disabled). Run in training only when ``beta`` > 0.
         rewards: programmatic rewards (``class_path``: exact match, format, the gold judge ...), added up.
         reward_model: a reward-model export (its normalised score is added, times ``reward_model_weight``), or
             None for the programmatic rewards alone.
@@ -117,6 +118,9 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
             global seed, so one ``seed_everything`` sets the whole run.
         num_eval: held-out prompts answered greedily before and after training, None for all.
         eval_batch_size: prompts per batch when answering held-out prompts.
+        eval_kl: report the exact KL of the policy to the reference along the held-out answers (True). At beta = 0
+            this loads the reference adapter for the evaluation alone; training still makes no reference pass.
+            Skipped for a fresh policy with ``reference: adapter`` at beta = 0 (there is no adapter to copy).
         num_logged_samples: generations per logged sample table.
         export_dir: where the policy adapter (``policy/``) is written when training ends.
     """
@@ -152,6 +156,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         sampling_seed: int | None = None,
         num_eval: int | None = 200,
         eval_batch_size: int = 64,
+        eval_kl: bool = True,
         num_logged_samples: int = 8,
         export_dir: str | None = None,
     ):
@@ -184,11 +189,12 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.missing_eos_penalty = missing_eos_penalty
         self.minibatch_size, self.forward_batch_size = minibatch_size, forward_batch_size
         self.max_grad_norm = max_grad_norm
-        self.num_eval, self.eval_batch_size = num_eval, eval_batch_size
+        self.num_eval, self.eval_batch_size, self.eval_kl = num_eval, eval_batch_size, eval_kl
         self.num_logged_samples, self.export_dir = num_logged_samples, export_dir
         self._tokenizer = None
         self.model: nn.Module | None = None
         self._reference_name: str | None = None  # the adapter the reference runs under (None: adapters disabled)
+        self._has_reference = False
         self.reward_head: nn.Linear | None = None
         self.reward_stats: dict[str, Any] = {"mean": 0.0, "std": 1.0}
         self.generator = torch.Generator().manual_seed(
@@ -208,9 +214,11 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         if self.reward_model_dir is not None:
             scorer = load_reward_model(model, self.reward_model_dir, REWARD)
             self.reward_head, self.reward_stats = scorer.head, dict(scorer.stats)
-        if self.beta > 0:  # beta = 0: no reference at all, not even its adapter
+        # No reference at all (not even its adapter) unless the KL term or the evaluation's KL reads it.
+        if self.beta > 0 or (self.eval_kl and (self.reference == "base" or self.policy_adapter is not None)):
             warn_unmerged_reference("grpo", self.reference, self.policy_adapter)
             model, self._reference_name = add_reference(model, self.reference, self.policy_adapter)
+            self._has_reference = True
         model.set_adapter(POLICY)
         train_only(model, (POLICY,))
         disable_dropout(model)  # dropout would make rollout and update log-probs disagree
@@ -379,14 +387,20 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
                                 data=rows[: self.num_logged_samples], step=self.global_step)
 
     # ------------------------------------------------------------ evaluation
+    def _gold(self) -> ProgrammaticReward | None:
+        """The reward whose best score is a "win" (the gold judge: it has a ``top_score``), for the win-rate."""
+        return next((r for r in self.rewards if getattr(r, "top_score", None) is not None), None)
+
     @torch.no_grad()
-    def evaluate(self, prompts: list[Prompt], checkable: bool) -> dict[str, Any]:
-        """Greedy answers to held-out prompts: exact match (where checkable) and each reward's mean; a reward with
-        a ``top_score`` (the gold judge) also gives its win-rate, the share of answers scoring it."""
+    def evaluate(self, prompts: list[Prompt], checkable: bool, tasks: list[str | None] | None = None
+                 ) -> HeldoutResult:
+        """Greedy answers to held-out prompts: exact match (where checkable), the gold judge's score (when it is
+        among the rewards), the reward-model score and the exact KL to the reference (when it is loaded), per
+        prompt: the same table as PPO's (:mod:`lit_ft.stages.ppo_evaluation`)."""
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id
-        texts: list[str] = []
+        result = HeldoutResult(texts=[], tasks=list(tasks or [None] * len(prompts)))
         for start in range(0, len(prompts), self.eval_batch_size):
             query, query_mask = pad_rows([p.input_ids for p in prompts[start:start + self.eval_batch_size]], pad,
                                          "left")
@@ -394,19 +408,22 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
             with active_adapter(self.model, POLICY):
                 samples = sample(self.model, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
                                  pad, greedy=True)
-            texts += self._decode(samples.tokens, samples.mask)
+            texts = self._decode(samples.tokens, samples.mask)
+            result.texts += texts
+            if self.reward_head is not None:
+                result.reward_model += self.score(prompts[start:start + len(texts)], texts, query, query_mask,
+                                                  samples.tokens, samples.mask)[1]["reward_model"].tolist()
+            if self._has_reference:
+                args = (query, query_mask, samples.tokens, samples.mask)
+                result.kl += sequence_kl(self._logits(*args), self._logits(*args, adapter=self._reference_name),
+                                         samples.mask).tolist()
         self.model.train(was_training)
-        result: dict[str, Any] = {"texts": texts}
         if checkable:
-            result["right"] = [exact_match(t, p.reference) for t, p in zip(texts, prompts)]
-            result["exact_match"] = sum(result["right"]) / len(prompts)
-        for reward in self.rewards:
-            scores = reward(prompts, texts)
-            name = getattr(reward, "name", type(reward).__name__)
-            result[f"{name}_score"] = float(scores.mean())
-            top = getattr(reward, "top_score", None)
-            if top is not None:
-                result[f"{name}_win_rate"] = float((scores >= top).float().mean())
+            result.right = [exact_match(t, p.reference) for t, p in zip(result.texts, prompts)]
+        gold = self._gold()
+        if gold is not None:
+            result.gold = gold(prompts, result.texts).tolist()
+            result.gold_top = gold.top_score
         return result
 
     def _heldout(self) -> tuple[list[HeldOutItem], bool]:
@@ -420,19 +437,24 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         items, checkable = self._heldout()
         if not items:
             return
-        result = self.evaluate([item.prompt for item in items], checkable)
-        for task, (right, total) in per_task_counts(result.get("right", []), [i.task for i in items]).items():
-            result[f"exact_match/{task}"] = right / total
-        self.evaluations[tag] = {k: v for k, v in result.items() if isinstance(v, float)}
-        self._eval_texts[tag] = result["texts"]
+        result = self.evaluate([item.prompt for item in items], checkable, [item.task for item in items])
+        figures = self.evaluations[tag] = result.summary()
+        self._eval_texts[tag] = result.texts
         if not self.trainer.is_global_zero:
             return
-        shown = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" if "rate" in k or k == "exact_match" else f"{k} {v:.3f}"
-                          for k, v in self.evaluations[tag].items() if "/" not in k)
-        print(f"held-out {tag} GRPO ({len(items)} prompts, greedy): {shown}")
+        parts = []
+        if "gold_win_rate" in figures:
+            parts.append(f"gold win-rate {figures['gold_win_rate']:.1%}")
+        if "exact_match" in figures:
+            detail = result.counts()
+            parts.append(f"exact match {figures['exact_match']:.1%}" + (f" ({detail})" if detail else ""))
+        if "reward_model_score" in figures:
+            parts.append(f"mean reward-model score {figures['reward_model_score']:+.3f}")
+        if "kl_mean" in figures:
+            parts.append(f"KL to the reference {figures['kl_mean']:.3f}")
+        print(f"held-out {tag} GRPO ({len(items)} prompts, greedy): {', '.join(parts)}")
         for logger in self.trainer.loggers:
-            logger.log_metrics({f"eval/{k}_{tag}": v for k, v in self.evaluations[tag].items()},
-                               step=self.global_step)
+            logger.log_metrics({f"eval/{k}_{tag}": v for k, v in figures.items()}, step=self.global_step)
 
     def _print_before_after(self, rows: int = 6, width: int = 28) -> None:
         before, after = self._eval_texts.get("before"), self._eval_texts.get("after")
@@ -459,9 +481,8 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
             return
         before, after = self.evaluations.get("before", {}), self.evaluations.get("after", {})
         self._print_before_after()
-        for key in sorted(set(before) & set(after)):
-            if "/" not in key:
-                print(f"{key.replace('_', ' ')}: {before[key]:.4f} -> {after[key]:.4f}")
+        if before and after:
+            print(before_after_table(before, after, len(self._eval_texts["after"]), ("SFT policy", "GRPO policy")))
         if self.export_dir:
             print(f"lit_ft: saved the GRPO policy to {self.export(self.export_dir)}")
 

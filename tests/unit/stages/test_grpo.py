@@ -88,7 +88,7 @@ class _Rollouts(L.Callback):
 
 def test_one_rollout_and_update_changes_the_policy_adapter_only(stages) -> None:
     L.seed_everything(0)
-    module = _module(stages)
+    module = _module(stages, eval_kl=False)
     seen = _Rollouts()
     trainer = _trainer(2, callbacks=[seen])
     trainer.fit(module, datamodule=_data())
@@ -97,7 +97,7 @@ def test_one_rollout_and_update_changes_the_policy_adapter_only(stages) -> None:
     changed = {n for n in after if not torch.equal(after[n], seen.before[n])}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert changed == trainable and all(".policy." in n and "lora_" in n for n in changed), changed ^ trainable
-    assert set(module.model.peft_config) == {"policy"}  # beta = 0: no reference adapter is even loaded
+    assert set(module.model.peft_config) == {"policy"}  # beta = 0, no evaluation KL: no reference adapter at all
     r = seen.rollouts[0]
     assert r.response.shape[0] == len(r.query) == 4 * 4 and r.num_groups == 4
     assert r.logprobs is None and r.ref_logprobs is None  # one update per batch, beta = 0: neither pass is made
@@ -113,28 +113,44 @@ def test_one_rollout_and_update_changes_the_policy_adapter_only(stages) -> None:
 
 
 def test_beta_zero_makes_no_reference_pass_and_beta_positive_does(stages, monkeypatch) -> None:
-    adapters: list = []
-    original = GRPO._logits
+    adapters: list = []  # the adapter of every forward pass made inside a training step (not the evaluations)
+    original_logits, original_step = GRPO._logits, GRPO.training_step
+    inside = []
 
     def recording(self, *args, adapter="policy"):
-        adapters.append(adapter)
-        return original(self, *args, adapter=adapter)
+        if inside:
+            adapters.append(adapter)
+        return original_logits(self, *args, adapter=adapter)
+
+    def step(self, *args):
+        inside.append(True)
+        try:
+            return original_step(self, *args)
+        finally:
+            inside.clear()
     monkeypatch.setattr(GRPO, "_logits", recording)
-    for beta, reference in ((0.0, "adapter"), (0.1, "adapter"), (0.1, "base")):
+    monkeypatch.setattr(GRPO, "training_step", step)
+    for beta, reference, eval_kl in ((0.0, "adapter", False), (0.0, "adapter", True), (0.1, "adapter", True),
+                                     (0.1, "base", False)):
         adapters.clear()
         L.seed_everything(0)
-        module = _module(stages, beta=beta, reference=reference, num_iterations=2)
+        module = _module(stages, beta=beta, reference=reference, num_iterations=2, eval_kl=eval_kl)
         seen = _Rollouts()
         trainer = _trainer(2, callbacks=[seen])
         trainer.fit(module, datamodule=_data())
         r = seen.rollouts[0]
         assert r.logprobs is not None  # two iterations: the old log-probs are taken at sampling time
+        # One rollout batch (2 updates = 2 iterations) of 16 responses, 8 per forward pass: old log-probs, then
+        # each iteration, 2 passes each.
+        assert adapters.count("policy") == 6
         want = {"adapter": "reference", "base": None}[reference]
+        # The reference adapter exists only where something reads it: the KL term or the evaluation's KL.
+        assert ("reference" in module.model.peft_config) == (reference == "adapter" and (beta > 0 or eval_kl))
+        assert ("kl_mean" in module.evaluations["after"]) == (beta > 0 or eval_kl)
         if beta == 0:
-            assert r.ref_logprobs is None and want not in adapters and None not in adapters, adapters
-            assert "reference" not in module.model.peft_config
+            assert r.ref_logprobs is None and adapters == ["policy"] * 6, adapters
         else:
-            assert r.ref_logprobs is not None and want in adapters
+            assert r.ref_logprobs is not None and adapters.count(want) == 2, adapters
             assert float(trainer.callback_metrics["train/kl"]) > 0  # the second iteration has moved off it
 
 
