@@ -3,8 +3,9 @@
 Both sides train a fresh LoRA (r=16, all linear layers) on the same randomly initialised Mistral-architecture model
 (speed does not depend on the weights), on the same embedded-world prompts (Alpaca template, BOS first), with
 the same G samples per prompt, prompts per step, ``max_new_tokens``, temperature, exact-match reward, seed, a
-constant learning rate, and one optimisation iteration per generation batch (mu = 1, one update per step: TRL's
-``per_device_train_batch_size`` = prompts x G, ``gradient_accumulation_steps`` = 1), beta = 0 (no reference
+constant learning rate, and one optimisation iteration per generation batch (mu = 1, one update per step), in
+micro-batches of the same size (lit_ft's ``forward_batch_size``; TRL's ``per_device_train_batch_size``, with
+``gradient_accumulation_steps`` = prompts x G / micro-batch, so one generation feeds one update), beta = 0 (no reference
 model on either side: TRL's default), "dapo" loss normalisation (TRL's default), no vLLM (TRL generates with
 ``transformers``' ``generate``, its default path without vLLM), the same dtype. A step is one rollout batch:
 sampling, scoring, and the update. The first step is a warm-up and is not timed.
@@ -65,6 +66,7 @@ class Setup:
     lr: float
     seed: int
     threads: int
+    micro_batch: int = 16  # responses per forward/backward pass; gradients accumulate to one update per step
 
 
 def peak_memory_mib(gpu: bool) -> float:
@@ -156,7 +158,7 @@ def run_lit_ft(setup: Setup) -> dict:
                           lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")),
         policy_adapter=None, rewards=[ExactMatchReward()], num_generations=setup.group, loss_type="dapo",
         beta=0.0, num_iterations=1, temperature=setup.temperature, max_new_tokens=setup.max_new_tokens,
-        forward_batch_size=setup.prompts * setup.group, num_eval=0, eval_kl=False,
+        forward_batch_size=setup.micro_batch, num_eval=0, eval_kl=False,
         optimizer=lambda p: torch.optim.AdamW(p, lr=setup.lr, weight_decay=0.0),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
     )
@@ -206,7 +208,9 @@ def run_trl(setup: Setup) -> dict:
     rows = setup.prompts * setup.group
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_grpo_"), max_steps=setup.steps,
-        per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=setup.group,
+        per_device_train_batch_size=setup.micro_batch, gradient_accumulation_steps=rows // setup.micro_batch,
+        num_generations=setup.group,  # one generation of prompts x G per optimizer step (steps_per_generation =
+        # gradient_accumulation_steps by default): no separate old-policy pass, as lit_ft with mu = 1
         max_completion_length=setup.max_new_tokens, temperature=setup.temperature, top_p=1.0, top_k=0,
         num_iterations=1, beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=0.2,
         learning_rate=setup.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -277,6 +281,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group", type=int, default=8, help="G, samples per prompt (8: TRL's default)")
     parser.add_argument("--max-new-tokens", type=int, help="longest response (16 on CPU, 128 on GPU)")
     parser.add_argument("--temperature", type=float, default=1.0)  # 1.0: TRL's default
+    parser.add_argument("--micro-batch", type=int, default=16,
+                        help="responses per forward/backward pass on both sides (a divisor of prompts x G)")
     parser.add_argument("--lr", type=float, default=1e-5)  # 1e-5: TRL's GRPO default
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1,
@@ -318,10 +324,14 @@ def main() -> None:
                         "--gpu" if gpu else "--cpu"], check=True)
         setup = Setup(model_dir=model_dir, gpu=gpu, steps=args.steps, prompts=args.prompts or (16 if gpu else 8),
                       group=args.group, max_new_tokens=args.max_new_tokens or (128 if gpu else 16),
-                      temperature=args.temperature, lr=args.lr, seed=args.seed, threads=args.threads)
+                      temperature=args.temperature, lr=args.lr, seed=args.seed, threads=args.threads,
+                      micro_batch=args.micro_batch)
+        if (setup.prompts * setup.group) % setup.micro_batch:
+            raise SystemExit("bench-rl: --micro-batch must divide prompts x G")
         print(f"bench-rl: {'GPU, bf16' if gpu else 'CPU, fp32'} Mistral {asdict(shape)}, "
               f"{setup.prompts} prompts x G {setup.group} per step, {setup.max_new_tokens} new tokens, temperature "
-              f"{setup.temperature}, LoRA r=16 all-linear, beta 0, mu 1, {setup.steps} steps (first untimed)",
+              f"{setup.temperature}, micro-batches of {setup.micro_batch} responses, LoRA r=16 all-linear, beta 0, mu 1, "
+              f"{setup.threads or 'default'} torch thread(s), {setup.steps} steps (first untimed)",
               flush=True)
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for round_ in range(args.rounds):

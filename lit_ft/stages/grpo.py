@@ -63,7 +63,7 @@ from lit_ft.rl.losses import (
     entropy_from_logits,
     eos_penalty,
     group_policy_loss,
-    logprobs_from_logits,
+    token_logprobs,
 )
 from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import GroupRollout, response_hidden, response_logits, sample
@@ -73,6 +73,7 @@ from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
 REWARD = "reward"
+ENTROPY_ROWS = 4  # rows per entropy computation: its (rows, T, V) temporaries stay small beside the logits
 # Checkpoints are taken between rollout batches (``_check_checkpoint_interval``): the state after the step is the
 # one to resume from.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -240,7 +241,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         parts = []
         for rows in _chunks(torch.arange(len(query), device=query.device), self.forward_batch_size):
             logits = self._logits(query[rows], query_mask[rows], response[rows], response_mask[rows], adapter=adapter)
-            parts.append(logprobs_from_logits(logits, response[rows]))
+            parts.append(token_logprobs(logits, response[rows]))
         return torch.cat(parts)
 
     @torch.no_grad()
@@ -333,15 +334,16 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         """One forward/backward over ``rows``: its part of the minibatch loss (whole-minibatch normalisers)."""
         mask = r.mask[rows]
         logits = self._logits(r.query[rows], r.query_mask[rows], r.response[rows], mask)
-        logprobs = logprobs_from_logits(logits, r.response[rows])
+        logprobs = token_logprobs(logits, r.response[rows])
         old = logprobs.detach() if r.logprobs is None else r.logprobs[rows]
         ref = None if r.ref_logprobs is None else r.ref_logprobs[rows]
         out = group_policy_loss(logprobs, old, r.advantages[rows], mask, self.clip_range, self.loss_type,
                                 self.clip_range_high, ref, self.beta, self.kl_estimator, self.max_new_tokens,
                                 num_sequences=sequences, num_tokens=tokens)
         self.manual_backward(out.loss)
-        with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+        with torch.no_grad():  # a few rows at a time: a (rows, T, V) softmax copy would double the peak memory
+            entropy = torch.cat([entropy_from_logits(part) for part in logits.detach().split(ENTROPY_ROWS)])
+            entropy = masked_mean(entropy, mask)
         return {"loss": float(out.loss.detach()), "clipfrac": float(out.clipfrac), "kl": float(out.kl),
                 "entropy": float(entropy)}
 
