@@ -22,6 +22,7 @@ them; with beta = 0 no reference pass is made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -45,11 +46,10 @@ from lit_ft.backbone.roles import (
     train_only,
     warn_unmerged_reference,
 )
+from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.formats import Prompt
-from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.errors import ConfigError
-from lit_ft.metrics import exact_match
-from lit_ft.padding import pad_rows, position_ids_from_mask
+from lit_ft.padding import position_ids_from_mask
 from lit_ft.rl.advantages import (
     AdvantageBaseline,
     RewardScale,
@@ -57,7 +57,7 @@ from lit_ft.rl.advantages import (
     group_reward_stats,
     masked_mean,
 )
-from lit_ft.rl.kl import KLEstimator, sequence_kl
+from lit_ft.rl.kl import KLEstimator
 from lit_ft.rl.losses import (
     LossNormalisation,
     entropy_from_logits,
@@ -67,8 +67,7 @@ from lit_ft.rl.losses import (
 )
 from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import GroupRollout, response_hidden, response_logits, sample
-from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table
-from lit_ft.stages.reward_model import load_reward_model, sequence_rewards
+from lit_ft.stages.reward_model import RewardScorer, load_reward_model
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
@@ -196,12 +195,9 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.model: nn.Module | None = None
         self._reference_name: str | None = None  # the adapter the reference runs under (None: adapters disabled)
         self._has_reference = False
-        self.reward_head: nn.Linear | None = None
-        self.reward_stats: dict[str, Any] = {"mean": 0.0, "std": 1.0}
+        self.reward_scorer: RewardScorer | None = None  # the reward model's own scorer (normalised scores)
         self.generator = torch.Generator().manual_seed(
             torch.initial_seed() if sampling_seed is None else sampling_seed)
-        self.evaluations: dict[str, dict[str, float]] = {}
-        self._eval_texts: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -212,9 +208,8 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
                             device_map=self.quantized_device_map())
         model, line = add_policy(model, self.policy_adapter, self.backbone.lora or LoraSettings())
         rank_zero_only(print)(f"grpo: {line}")
-        if self.reward_model_dir is not None:
-            scorer = load_reward_model(model, self.reward_model_dir, REWARD)
-            self.reward_head, self.reward_stats = scorer.head, dict(scorer.stats)
+        if self.reward_model_dir is not None:  # not a submodule: its model is self.model
+            object.__setattr__(self, "reward_scorer", load_reward_model(model, self.reward_model_dir, REWARD))
         # No reference at all (not even its adapter) unless the KL term or the evaluation's KL reads it.
         if self.beta > 0 or (self.eval_kl and (self.reference == "base" or self.policy_adapter is not None)):
             warn_unmerged_reference("grpo", self.reference, self.policy_adapter)
@@ -250,16 +245,12 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         """Total reward per response (one row per response, ``prompts`` row by row too), and its parts."""
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(texts), device=query.device)
-        if self.reward_head is not None:
+        if self.reward_scorer is not None:
             ids = torch.cat([query, response], dim=1)
             mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-            with active_adapter(self.model, REWARD):
-                raw = torch.cat([sequence_rewards(self.model, self.reward_head, ids[rows], mask[rows],
-                                                  position_ids_from_mask(mask[rows]))
-                                 for rows in _chunks(torch.arange(len(ids)), self.forward_batch_size)])
-            mean = float(self.reward_stats.get("mean", 0.0))
-            std = max(float(self.reward_stats.get("std", 1.0)), 1e-6)
-            parts["reward_model"] = (raw - mean) / std
+            parts["reward_model"] = torch.cat([
+                self.reward_scorer(ids[rows], mask[rows], position_ids_from_mask(mask[rows]), normalize=True)
+                for rows in _chunks(torch.arange(len(ids), device=ids.device), self.forward_batch_size)])
             total = total + self.reward_model_weight * parts["reward_model"]
         for reward in self.rewards:
             value = reward(prompts, texts).to(total.device, torch.float32)
@@ -389,103 +380,32 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
                                 data=rows[: self.num_logged_samples], step=self.global_step)
 
     # ------------------------------------------------------------ evaluation
-    def _gold(self) -> ProgrammaticReward | None:
-        """The reward whose best score is a "win" (the gold judge: it has a ``top_score``), for the win-rate."""
-        return next((r for r in self.rewards if getattr(r, "top_score", None) is not None), None)
+    def evaluation_roles(self) -> EvaluationRoles:
+        """The held-out evaluation's roles (:mod:`lit_ft.callbacks.evaluation`, the table PPO and DPO print): the
+        policy adapter, the reference for the KL at the sampling temperature (when it is loaded: ``beta`` > 0 or
+        ``eval_kl``), and the reward model's own normalised scorer (when there is one). The gold win-rate comes
+        from the data's gold judge."""
+        reference = None
+        if self._has_reference:
+            name = self._reference_name
+            reference = lambda: active_adapter(self.model, name)
+        scorer = None if self.reward_scorer is None else functools.partial(self.reward_scorer, normalize=True)
+        return EvaluationRoles(self.model, self.tokenizer, policy=lambda: active_adapter(self.model, POLICY),
+                               reference=reference, scorer=scorer, temperature=self.temperature,
+                               names=("SFT policy", "GRPO policy"), max_new_tokens=self.max_new_tokens)
 
-    @torch.no_grad()
-    def evaluate(self, prompts: list[Prompt], checkable: bool, tasks: list[str | None] | None = None
-                 ) -> HeldoutResult:
-        """Greedy answers to held-out prompts: exact match (where checkable), the gold judge's score (when it is
-        among the rewards), the reward-model score and the exact KL to the reference (when it is loaded), per
-        prompt: the same table as PPO's (:mod:`lit_ft.stages.ppo_evaluation`)."""
-        was_training = self.model.training
-        self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        result = HeldoutResult(texts=[], tasks=list(tasks or [None] * len(prompts)))
-        for start in range(0, len(prompts), self.eval_batch_size):
-            query, query_mask = pad_rows([p.input_ids for p in prompts[start:start + self.eval_batch_size]], pad,
-                                         "left")
-            query, query_mask = query.to(self.device), query_mask.to(self.device)
-            with active_adapter(self.model, POLICY):
-                samples = sample(self.model, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
-                                 pad, greedy=True)
-            texts = self._decode(samples.tokens, samples.mask)
-            result.texts += texts
-            if self.reward_head is not None:
-                result.reward_model += self.score(prompts[start:start + len(texts)], texts, query, query_mask,
-                                                  samples.tokens, samples.mask)[1]["reward_model"].tolist()
-            if self._has_reference:
-                args = (query, query_mask, samples.tokens, samples.mask)
-                result.kl += sequence_kl(self._logits(*args), self._logits(*args, adapter=self._reference_name),
-                                         samples.mask).tolist()
-        self.model.train(was_training)
-        if checkable:
-            result.right = [exact_match(t, p.reference) for t, p in zip(result.texts, prompts)]
-        gold = self._gold()
-        if gold is not None:
-            result.gold = gold(prompts, result.texts).tolist()
-            result.gold_top = gold.top_score
-        return result
-
-    def _heldout(self) -> tuple[list[HeldOutItem], bool]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not isinstance(datamodule, HeldOut):
-            return [], False
-        items = datamodule.heldout()
-        return (items if self.num_eval is None else items[: self.num_eval]), bool(datamodule.checkable)
-
-    def _evaluate_and_report(self, tag: str) -> None:
-        items, checkable = self._heldout()
-        if not items:
-            return
-        result = self.evaluate([item.prompt for item in items], checkable, [item.task for item in items])
-        figures = self.evaluations[tag] = result.summary()
-        self._eval_texts[tag] = result.texts
-        if not self.trainer.is_global_zero:
-            return
-        parts = []
-        if "gold_win_rate" in figures:
-            parts.append(f"gold win-rate {figures['gold_win_rate']:.1%}")
-        if "exact_match" in figures:
-            detail = result.counts()
-            parts.append(f"exact match {figures['exact_match']:.1%}" + (f" ({detail})" if detail else ""))
-        if "reward_model_score" in figures:
-            parts.append(f"mean reward-model score {figures['reward_model_score']:+.3f}")
-        if "kl_mean" in figures:
-            parts.append(f"KL to the reference {figures['kl_mean']:.3f}")
-        print(f"held-out {tag} GRPO ({len(items)} prompts, greedy): {', '.join(parts)}")
-        for logger in self.trainer.loggers:
-            logger.log_metrics({f"eval/{k}_{tag}": v for k, v in figures.items()}, step=self.global_step)
-
-    def _print_before_after(self, rows: int = 6, width: int = 28) -> None:
-        before, after = self._eval_texts.get("before"), self._eval_texts.get("after")
-        items = self._heldout()[0]
-        if not before or not after or not items:
-            return
-
-        def cell(text: str) -> str:
-            text = " ".join(text.split())
-            return text if len(text) <= width else text[: width - 3] + "..."
-        print(f"{'prompt (end)':<{width + 12}} | {'reference':<10} | {'before GRPO':<{width}} | after GRPO")
-        for item, b, a in list(zip(items, before, after))[:rows]:
-            question = " ".join(item.prompt.text.replace("### Response:", "").split())[-(width + 12):]
-            print(f"{question:<{width + 12}} | {cell(item.prompt.reference or '-'):<10} | {cell(b):<{width}} | "
-                  f"{cell(a)}")
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The held-out evaluation with GRPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
+        :class:`GenerationTable` of the trainer's."""
+        scored = self.num_eval if self.num_eval is not None else 10**9  # None: every held-out prompt
+        return [GenerationTable(num_shown=min(6, scored), num_scored=scored, batch_size=self.eval_batch_size,
+                                max_new_tokens=self.max_new_tokens)]
 
     def on_train_start(self) -> None:
         self._check_checkpoint_interval()
-        self._evaluate_and_report("before")
 
     def on_train_end(self) -> None:
-        self._evaluate_and_report("after")
-        if not self.trainer.is_global_zero:
-            return
-        before, after = self.evaluations.get("before", {}), self.evaluations.get("after", {})
-        self._print_before_after()
-        if before and after:
-            print(before_after_table(before, after, len(self._eval_texts["after"]), ("SFT policy", "GRPO policy")))
-        if self.export_dir:
+        if self.trainer.is_global_zero and self.export_dir:
             print(f"lit_ft: saved the GRPO policy to {self.export(self.export_dir)}")
 
     def _check_checkpoint_interval(self) -> None:

@@ -105,7 +105,7 @@ def test_each_7b_recipe_runs_two_steps_on_a_stand_in_and_the_tools_load_its_base
          "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2")
     out = capsys.readouterr().out
     assert "grpo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
-    assert "held-out after GRPO (2 prompts, greedy): mean reward-model score" in out
+    assert "held-out after training, GRPO policy (2 prompts, greedy): mean reward-model score" in out
     assert _steps("mistral7b_qlora_grpo") == 2  # one rollout batch of 2 prompts x 2 samples: 2 minibatches
     grpo = Path("artifacts/mistral7b_qlora_grpo/policy")
     record = BaseRecord.read(grpo)
