@@ -9,8 +9,10 @@ with beta x the k3 KL to the reference per token (:func:`lit_ft.rl.losses.group_
 sequence (GRPO), per token (DAPO) or by a constant (Dr. GRPO).
 
 The roles on one base: ``policy`` is the SFT adapter (trainable); the reference is a frozen copy of it
-(``reference: adapter``) or the base with adapters disabled (``reference: base``); it is loaded and run only when
-beta > 0. The reward model, when given, is its own frozen adapter and head.
+(``reference: adapter``) or the base with adapters disabled (``reference: base``); training runs it only when
+beta > 0, and its adapter is loaded only then or for the held-out evaluation's KL (``eval_kl``). The reward model,
+when given, is its own frozen adapter and head. The held-out before/after table is the shared
+:class:`lit_ft.callbacks.evaluation.GenerationTable` (gold win-rate from the data's judge, exact match, KL).
 
 Two passes over a batch are skipped when they cannot matter, as TRL does: with mu = 1 and one update per batch
 the "old" log-probs of the ratio are the update's own, detached (the ratio is 1), so no separate pass computes
