@@ -9,7 +9,7 @@ SFT_ADAPTER := artifacts/sft/adapter/adapter_config.json
 RM_EXPORT := artifacts/rm/reward_stats.json
 ARGS ?=
 
-.PHONY: help install pretrain sft rm ppo pipeline test test-all bench bench-packing bench-memory gpu-check estimate sweep lint clean
+.PHONY: help install pretrain sft rm ppo dpo grpo pipeline test test-all bench bench-rl bench-packing bench-memory gpu-check estimate sweep lint clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets (this)
@@ -54,6 +54,14 @@ rm: $(SFT_ADAPTER) ## reward model on preference pairs (runs/rm, artifacts/rm)
 ppo: $(SFT_ADAPTER) $(RM_EXPORT) ## PPO of the SFT policy against the reward model (runs/ppo, artifacts/ppo)
 	$(LITFT) fit --config configs/ppo.yaml $(ARGS)
 
+# DPO of the SFT policy on the preference pairs, no reward model (the SFT adapter is made first when absent).
+dpo: $(SFT_ADAPTER) ## DPO of the SFT policy on gold-labelled pairs, no reward model (runs/dpo, artifacts/dpo)
+	$(LITFT) fit --config configs/dpo.yaml $(ARGS)
+
+# GRPO of the SFT policy with programmatic rewards (the SFT adapter made first when absent): no reward model.
+grpo: $(SFT_ADAPTER) ## GRPO of the SFT policy with programmatic rewards, G samples per prompt (runs/grpo)
+	$(LITFT) fit --config configs/grpo.yaml $(ARGS)
+
 # The whole post-training pipeline on the embedded default: pre-train (once), SFT, reward model, PPO.
 pipeline: ## sft, rm, then ppo
 	$(MAKE) sft
@@ -86,6 +94,12 @@ clean: ## delete runs/ and artifacts/
 bench: ## lit_ft SFT against TRL's SFTTrainer (throughput and memory ratio)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q 'trl>=1.16,<2'   # the bench extra, not a runtime dependency
 	$(BIN)/python bench/sft_vs_trl.py
+
+# lit_ft GRPO against TRL's GRPOTrainer on the same model, prompts, G, max_new_tokens and steps (installs trl, the
+# bench extra, when it is missing). Its last line is the samples-per-second and peak-memory ratio.
+bench-rl: ## lit_ft GRPO against TRL's GRPOTrainer (samples/s and peak memory ratios)
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q 'trl>=1.16,<2'   # the bench extra, not a runtime dependency
+	$(BIN)/python bench/grpo_vs_trl.py $(ARGS)
 
 bench-packing: ## packing against padding
 	$(BIN)/python bench/packing.py

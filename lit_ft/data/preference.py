@@ -1,8 +1,14 @@
-"""Preference pairs for reward modelling: datasets, batches and the DataModule.
+"""Preference pairs: datasets, batches and the DataModules of the reward model and of DPO.
 
 Records become token pairs in :mod:`lit_ft.data.preference_formats` (formats, HH transcripts, truncation); this
-module stores them and batches B pairs as 2B rows (chosen rows first, then rejected rows). The embedded pairs come
-from :class:`lit_ft.data.embedded.EmbeddedWorld`.
+module stores them and batches them. The embedded pairs come from :class:`lit_ft.data.embedded.EmbeddedWorld`.
+
+* :class:`PreferenceDataModule` (the reward model): B pairs as 2B rows, chosen rows first, then rejected rows.
+* :class:`DPODataModule` (DPO and its variants): the same pairs with ``labels`` (the response tokens) and each
+  pair's dataset ``index`` (precomputed reference log-probs are looked up by it), in one of two layouts: padded
+  (2B rows, chosen rows then rejected rows, as TRL and torchtune concatenate them) or packed (one row holding
+  ``chosen_0 rejected_0 chosen_1 rejected_1 ...``, position ids restarting per example, a pair never split).
+  :func:`pair_values` reads per-example results of either layout back as (B, 2).
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ from lit_ft.data.preference_formats import (
 )
 from lit_ft.data.records import BuiltSplit, RecordsDataModule, RecordSource, progress
 from lit_ft.data.sources import DataError, Location
-from lit_ft.padding import pad_rows, position_ids_from_mask
+from lit_ft.padding import pad_rows, position_ids_from_mask, round_up
 
 PADDING_SIDES = ("right", "left")
 
 __all__ = [
     "PADDING_SIDES",
     "PREFERENCE_FORMATS",
+    "DPODataModule",
     "EmptyResponse",
+    "PackedPairCollator",
+    "PaddedPairCollator",
     "PairStats",
     "PreferenceCollator",
     "PreferenceDataModule",
@@ -50,6 +59,7 @@ __all__ = [
     "encode_prompt_response",
     "hh_turns",
     "pair_stats",
+    "pair_values",
     "parse_hh",
     "prompt_messages",
     "resolve_preference_format",
@@ -135,7 +145,8 @@ def build_pairs(records: Sequence[dict], locations: Sequence[Location], tokenize
 
 
 class PreferenceDataset(Dataset):
-    """Pairs as two compact :class:`ExampleStore` s (prompt + chosen, prompt + rejected) and their margins."""
+    """Pairs as two compact :class:`ExampleStore` s (prompt + chosen, prompt + rejected), their margins and prompt
+    lengths. An item carries its ``index`` (DPO looks its precomputed reference log-probs up by it)."""
 
     def __init__(self, pairs: Sequence[PreferencePair]):
         def store(side: str) -> ExampleStore:
@@ -149,13 +160,14 @@ class PreferenceDataset(Dataset):
         self.chosen = store("chosen_ids")
         self.rejected = store("rejected_ids")
         self.margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+        self.prompt_lengths = torch.tensor([len(p.prompt_ids) for p in pairs], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.margins)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"chosen_input_ids": self.chosen.get(index)[0], "rejected_input_ids": self.rejected.get(index)[0],
-                "margin": self.margins[index]}
+                "margin": self.margins[index], "prompt_length": int(self.prompt_lengths[index]), "index": index}
 
 
 @dataclass
@@ -181,6 +193,72 @@ class PreferenceCollator:
         margin = torch.stack([torch.as_tensor(item.get("margin", 0.0), dtype=torch.float32) for item in items])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "margin": margin}
+
+
+def _labelled(item: dict[str, Any], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of one side of a pair: the labels are the response tokens, -100 on the prompt."""
+    ids = item[f"{side}_input_ids"]
+    labels = ids.clone()
+    labels[: item["prompt_length"]] = IGNORE_INDEX
+    return ids, labels
+
+
+@dataclass
+class PaddedPairCollator:
+    """B pairs -> 2B right-padded rows, chosen rows first, then rejected rows (TRL's and torchtune's order).
+
+    Returns ``input_ids``, ``labels`` (-100 on prompt and padding), ``attention_mask`` and ``position_ids`` (2B, L),
+    and ``index`` (B,), each pair's position in its dataset.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sides = [_labelled(item, side) for side in ("chosen", "rejected") for item in items]
+        input_ids, attention_mask = pad_rows([ids for ids, _ in sides], self.pad_token_id, "right",
+                                             self.pad_to_multiple_of)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, (_, label) in enumerate(sides):
+            labels[row, : len(label)] = label
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "position_ids": position_ids_from_mask(attention_mask),
+                "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+
+
+@dataclass
+class PackedPairCollator:
+    """B pairs -> one packed row ``chosen_0 rejected_0 chosen_1 rejected_1 ...``: no padding between examples, a
+    pair never split, position ids restarting at 0 for each example (attention stays within an example with
+    ``attn_implementation: lit_ft_packed``, which costs sum(L_i^2), or with transformers' block-diagonal mask).
+
+    Returns ``input_ids``, ``labels`` (-100 on prompts and padding) and ``position_ids`` (1, L), with no attention
+    mask; the row is padded at its end to a multiple of ``pad_to_multiple_of`` as a segment of its own.
+    ``real_segments`` (S,) flags each segment (in row order) that is an example rather than that padding, and
+    ``index`` (B,) gives each pair's position in its dataset.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sides = [_labelled(item, side) for item in items for side in ("chosen", "rejected")]
+        length = sum(len(ids) for ids, _ in sides)
+        pad = round_up(length, self.pad_to_multiple_of) - length
+        input_ids = torch.cat([ids for ids, _ in sides] + [torch.full((pad,), self.pad_token_id, dtype=torch.long)])
+        labels = torch.cat([label for _, label in sides] + [torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
+        position_ids = torch.cat([torch.arange(len(ids)) for ids, _ in sides] + [torch.arange(pad)])
+        real = torch.tensor([True] * len(sides) + [False] * (pad > 0))
+        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
+                "real_segments": real, "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+
+
+def pair_values(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example values of a :class:`DPODataModule` batch (one per row when padded, one per segment when
+    packed, as :func:`lit_ft.losses.preference.sequence_logps` gives them) as (B, 2): chosen, rejected."""
+    if "real_segments" in batch:
+        return values[batch["real_segments"]].view(-1, 2)
+    return values.view(2, -1).T
 
 
 # ------------------------------------------------------------------------------------------------ DataModule
@@ -264,3 +342,45 @@ class PreferenceDataModule(RecordsDataModule):
 
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(pad_token_id=self.pad_token_id(), padding_side=self.padding_side)
+
+
+class DPODataModule(PreferenceDataModule):
+    """Preference pairs for DPO and its variants (IPO, hinge, robust, SimPO): the pairs of
+    :class:`PreferenceDataModule`, batched with their response ``labels`` and dataset ``index``.
+
+    With ``packing`` (the default) a micro-batch of B pairs is one row, each pair's chosen and rejected side by
+    side (:class:`PackedPairCollator`); without, 2B right-padded rows (:class:`PaddedPairCollator`). Either way
+    chosen and rejected go through the model in one forward pass. The arguments are
+    :class:`PreferenceDataModule`'s, without ``padding_side`` (log-probs do not depend on it), plus ``packing``.
+
+    Args:
+        packing: one packed row per micro-batch (True: no compute is spent on padding; pair it with
+            ``attn_implementation: lit_ft_packed`` so that attention costs sum(L_i^2)), or padded rows.
+    """
+
+    def __init__(
+        self,
+        source: str | RecordSource | None = None,
+        format: str = "auto",
+        split: str = "train",
+        val_source: str | None = None,
+        val_split: str | None = None,
+        val_split_fraction: float = 0.05,
+        max_seq_length: int = 1024,
+        packing: bool = True,
+        micro_batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        max_examples: int | None = None,
+        chat_template: str | None = None,
+        subset: str | None = None,
+    ):
+        super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
+                         val_split_fraction=val_split_fraction, max_seq_length=max_seq_length,
+                         micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed,
+                         max_examples=max_examples, chat_template=chat_template, subset=subset)
+        self.packing = packing
+
+    def collator(self) -> PackedPairCollator | PaddedPairCollator:
+        layout = PackedPairCollator if self.packing else PaddedPairCollator
+        return layout(pad_token_id=self.pad_token_id())

@@ -225,3 +225,14 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
         logp = torch.log_softmax(_f(row_logits) / temperature, dim=-1)
         rows.append(logp.gather(-1, row_tokens.unsqueeze(-1).long()).squeeze(-1))
     return torch.stack(rows)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) gathered at ``tokens``, ``(B, T, V), (B, T) -> (B, T)`` float32, as
+    :func:`logprobs_from_logits`, without keeping a ``(B, T, V)`` log-softmax for the backward pass: the token's logit
+    minus the logsumexp over the vocabulary (one row at a time), whose backward needs only the logits themselves.
+    GRPO's update uses it: at B x G responses per batch the log-softmax copy would be its largest tensor.
+    """
+    logits = _f(logits)
+    picked = logits.gather(-1, tokens.unsqueeze(-1).long()).squeeze(-1)
+    return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])

@@ -274,7 +274,9 @@ class GroupRollout:
         response: ``(N, T)`` long, sampled response ids, right-padded after EOS.
         mask: ``(N, T)`` long, 1 at real response tokens up to and including EOS.
         logprobs: ``(N, T)`` float32, the policy's log-probs at sampling time: the "old" policy of the ratio over
-            the iterations on this batch.
+            the iterations on this batch; None when the batch makes one update only (one iteration, one
+            minibatch), where the old policy is the updated one itself and the update uses its own log-probs,
+            detached (as TRL does).
         ref_logprobs: ``(N, T)`` float32 log-probs of the reference, or None when the KL coefficient is 0 (no
             reference pass is made).
         rewards: ``(N,)`` float32, the total reward of each sample.
@@ -290,7 +292,7 @@ class GroupRollout:
     query_mask: torch.Tensor
     response: torch.Tensor
     mask: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     rewards: torch.Tensor
     reward_parts: dict[str, torch.Tensor]

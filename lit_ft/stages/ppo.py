@@ -34,7 +34,6 @@ from torch import nn
 
 from lit_ft.backbone import (
     Backbone,
-    BackboneError,
     BackboneModule,
     LoraSettings,
     active_adapter,
@@ -42,6 +41,16 @@ from lit_ft.backbone import (
     build_model,
     load_adapter,
     save_adapter,
+)
+from lit_ft.backbone.roles import (
+    POLICY,
+    REFERENCE,
+    add_policy,
+    add_reference,
+    check_reference,
+    disable_dropout,
+    train_only,
+    warn_unmerged_reference,
 )
 from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.formats import Prompt
@@ -63,7 +72,7 @@ from lit_ft.stages.reward_model import RewardScorer, init_score_head, load_rewar
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
 
-POLICY, VALUE, REWARD, REFERENCE = "policy", "value", "reward", "reference"
+VALUE, REWARD = "value", "reward"
 # Lightning warns that checkpoints of manual optimisation hold the state after the step; PPO's checkpoints are
 # taken between rollout batches (see ``_check_checkpoint_interval``), where that is the state to resume from.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -179,8 +188,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.automatic_optimization = False
         if value_init not in ("reward", "fresh"):
             raise ConfigError(f"value_init must be 'reward' or 'fresh', got {value_init!r}")
-        if reference not in ("base", "adapter"):
-            raise ConfigError(f"reference must be 'base' or 'adapter', got {reference!r}")
+        check_reference(reference)
         if value_init == "reward" and reward_model is None:
             value_init = "fresh"
         if reward_model is None and not rewards:
@@ -225,15 +233,9 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
                             device_map=self.quantized_device_map())
         fresh = spec.lora or LoraSettings()
         say = rank_zero_only(print)
-        if self.policy_adapter is not None:
-            if not (Path(self.policy_adapter) / "adapter_config.json").exists():
-                raise BackboneError(f"{self.policy_adapter}: policy adapter not found (run `make sft`, or set "
-                                    "model.policy_adapter: null to start from a fresh adapter)")
-            model = load_adapter(model, self.policy_adapter, POLICY, trainable=True)
-            say(f"ppo: policy from the adapter at {self.policy_adapter}")
-        else:
-            model = add_adapter(model, dataclasses.replace(fresh, adapter_name=POLICY))
-            say("ppo: policy from a fresh adapter on the base")
+        model, how = add_policy(model, self.policy_adapter, fresh)
+        say(f"ppo: {how}")
+        warn_unmerged_reference("ppo", self.reference, self.policy_adapter)
         hidden_size = model.get_input_embeddings().embedding_dim
         if self.reward_model_dir is not None:
             scorer = load_reward_model(model, self.reward_model_dir, REWARD)
@@ -249,16 +251,10 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
             model = add_adapter(model, dataclasses.replace(fresh, adapter_name=VALUE))
             self.value_head = init_score_head(nn.Linear(hidden_size, 1))
         self.value_head.to(next(model.parameters()).device)
-        if self.reference == "adapter":
-            if self.reference_adapter is None:
-                raise ConfigError("reference: adapter needs model.reference_adapter (or a policy_adapter)")
-            model = load_adapter(model, self.reference_adapter, REFERENCE, trainable=False)
+        model, _ = add_reference(model, self.reference, self.reference_adapter)
         model.set_adapter(POLICY)
-        for name, p in model.named_parameters():  # PEFT's set_adapter also toggles requires_grad: set them once
-            p.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
-        for module in model.modules():  # dropout would make rollout and update log-probs disagree
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        train_only(model, (POLICY, VALUE))  # PEFT's set_adapter also toggles requires_grad: set them once
+        disable_dropout(model)  # dropout would make rollout and update log-probs disagree
         self.model = model
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -1,4 +1,4 @@
-"""The 7B recipe chain (SFT on Alpaca -> reward model on HH -> PPO on HH prompts) with its own config overlays, on
+"""The 7B recipe chain (SFT on Alpaca -> reward model on HH -> PPO, and GRPO, on HH prompts) with its own config overlays, on
 a tiny local stand-in: the hub model and datasets are swapped for local files by command-line overrides only.
 
 * One prompt template end to end: the reward model and PPO render a record exactly as SFT did.
@@ -28,6 +28,7 @@ from tests.tiny_runs import adapter_weights, save_tiny_base
 
 CONFIGS = ROOT / "configs"
 SFT, RM, PPO = "mistral7b_qlora_alpaca.yaml", "mistral7b_qlora_rm_hh.yaml", "mistral7b_qlora_ppo.yaml"
+GRPO = "mistral7b_qlora_grpo.yaml"
 ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
           {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
 
@@ -98,7 +99,19 @@ def test_each_7b_recipe_runs_two_steps_on_a_stand_in_and_the_tools_load_its_base
          "--data.init_args.micro_batch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.minibatch_size=2",
          "--model.init_args.forward_batch_size=2", "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2",
          "--model.init_args.eval_batch_size=2")
+    _fit(GRPO, base, f"--data.init_args.source={hh}", f"--data.init_args.val_source={hh}",
+         "--data.init_args.micro_batch_size=2", "--model.init_args.num_generations=2",
+         "--model.init_args.minibatch_size=2", "--model.init_args.forward_batch_size=2",
+         "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2")
     out = capsys.readouterr().out
+    assert "grpo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
+    assert "held-out after training, GRPO policy (2 prompts, greedy): mean reward-model score" in out
+    assert _steps("mistral7b_qlora_grpo") == 2  # one rollout batch of 2 prompts x 2 samples: 2 minibatches
+    grpo = Path("artifacts/mistral7b_qlora_grpo/policy")
+    record = BaseRecord.read(grpo)
+    assert (record.quantization, record.compute_dtype, record.stage) == ("nf4", "bfloat16", "GRPO")
+    assert any(not torch.equal(v, adapter_weights(grpo)[k]) for k, v in adapter_weights(
+        Path("artifacts/mistral7b_qlora_alpaca/adapter")).items())  # the policy moved off the SFT adapter
     assert "reward model: starting from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
     assert "ppo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
     assert [_steps(r) for r in ("mistral7b_qlora_alpaca", "mistral7b_qlora_rm_hh", "mistral7b_qlora_ppo")] == [2, 2, 2]

@@ -138,6 +138,34 @@ def test_ppo_resumes_exactly_after_sigkill_between_and_during_checkpoints(base, 
     assert kl[0] == kl[1] and kl[0] != {"beta": 0.1}, kl
 
 
+def _grpo_config(base: str, run_dir: Path, max_steps: int, every: int, **trainer) -> dict:
+    """GRPO from a fresh policy adapter (ppo_config's run with the GRPO module): 8 prompts x G 4 per rollout batch,
+    2 iterations x 2 minibatches = 4 updates a batch, the k3 KL to the base, exact-match reward."""
+    config = ppo_config(base, run_dir, max_steps=max_steps, every=every, **trainer)
+    config["model"] = {"class_path": "lit_ft.stages.grpo.GRPO", "init_args": {
+        "backbone": config["model"]["init_args"]["backbone"], "policy_adapter": None, "reference": "base",
+        "rewards": [{"class_path": "lit_ft.rl.rewards.ExactMatchReward"},
+                    {"class_path": "lit_ft.rl.rewards.LengthPenalty", "init_args": {"per_token": 0.1}}],
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}, "num_generations": 4,
+        "num_iterations": 2, "minibatch_size": 16, "beta": 0.05, "temperature": 1.0, "max_new_tokens": 4,
+        "num_eval": 2, "eval_batch_size": 2, "export_dir": str(run_dir / "out")}}
+    return config
+
+
+@pytest.mark.slow  # four GRPO subprocesses, as PPO's
+def test_grpo_resumes_exactly_after_sigkill_between_and_during_checkpoints(base, tmp_path) -> None:
+    """GRPO: prompt position, the sampling generator (samples and minibatch order), optimiser come back."""
+
+    def config(run_dir: Path, **trainer) -> dict:
+        return _grpo_config(base, run_dir, max_steps=24, every=8, **trainer)
+
+    ref, chain = _kill_twice_and_resume(tmp_path, config, kill_between=12, last_before=8, kill_writing=24,
+                                        last_written=16)
+    diff = max_abs_diff(adapter_weights(ref / "out" / "policy"), adapter_weights(chain / "out" / "policy"))
+    print(f"GRPO policy: max abs diff, resumed twice vs uninterrupted: {diff:.3g}")
+    assert diff <= TOLERANCE
+
+
 # ------------------------------------------------------------------------------------------- reward model
 def _pairs(path: Path, n: int) -> Path:
     rows = [{"prompt": f"What is {i} + 2?", "chosen": str(i + 2), "rejected": str(i + 3)} for i in range(n)]

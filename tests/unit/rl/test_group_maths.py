@@ -166,3 +166,20 @@ def test_group_policy_loss_adds_k3_kl_to_the_reference() -> None:
     assert group_policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1)).loss.item() == -1.0
     with pytest.raises(ValueError, match="ref_logprobs"):
         group_policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1), beta=0.1)
+
+
+def test_token_logprobs_by_hand_and_as_the_log_softmax_with_its_gradient() -> None:
+    from lit_ft.rl.losses import logprobs_from_logits, token_logprobs
+
+    # One position over a 2-token vocabulary: logits (0, ln 3) give p = (1/4, 3/4).
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert_close(token_logprobs(logits, torch.tensor([[1]])), torch.tensor([[math.log(0.75)]]))
+    torch.manual_seed(0)
+    a = torch.randn(3, 5, 11, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    tokens = torch.randint(0, 11, (3, 5))
+    ours, theirs = token_logprobs(a, tokens), logprobs_from_logits(b, tokens)
+    assert_close(ours, theirs)
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert_close(a.grad, b.grad)

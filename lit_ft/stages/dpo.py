@@ -1,0 +1,361 @@
+"""Preference optimisation without a reward model: DPO and its variants (IPO, hinge, robust DPO, SimPO) on the
+shared backbone.
+
+One base model (optionally 4-bit) carries two named LoRA adapters (:mod:`lit_ft.backbone.roles`):
+
+- ``policy``: trainable, a copy of the SFT adapter by default (or a fresh adapter on the base);
+- the reference: ``reference: adapter`` (the default here) is a frozen copy of the SFT adapter, the model DPO's
+  implicit reward is measured from; ``reference: base`` is the base with adapters disabled, right only when the
+  SFT adapter was merged into the base (a warning says so otherwise, as for PPO).
+
+Each step puts a micro-batch of pairs through the policy in ONE forward pass: chosen and rejected side by side in
+one packed row (position ids restarting per example: with ``attn_implementation: lit_ft_packed`` attention stays
+within an example and costs sum(L_i^2)), or as 2B right-padded rows (``data.packing: false``). Log-probs are summed
+over the response tokens only, projecting only those positions through the vocabulary
+(:func:`lit_ft.losses.preference.sequence_logps_from_hidden`). The loss is the pure function ``loss_type`` names
+in :mod:`lit_ft.losses.preference`; metrics carry TRL's names (``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``).
+
+``precompute_ref_log_probs`` (TRL's setting of that name) runs the reference once over the training pairs before
+the first step, in dataset order, and keeps the (pairs, 2) log-probs in the module: each step then needs the policy
+forward only. The cache goes into every checkpoint (key ``dpo``), so a resumed run reads it back instead of
+recomputing it, and ends with the same weights as an uninterrupted one.
+
+Held-out evaluation before training and after (greedy answers to the data module's held-out prompts: exact match,
+and the KL of the policy to the reference along each answer) is printed as a before/after table; the adapter is
+exported to ``export_dir`` as the other stages export theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lit_ft.backbone import (
+    Backbone,
+    BackboneModule,
+    LoraSettings,
+    active_adapter,
+    build_model,
+    decoder_and_head,
+)
+from lit_ft.backbone.adapters import save_adapter
+from lit_ft.backbone.roles import (
+    POLICY,
+    Reference,
+    add_policy,
+    add_reference,
+    check_reference,
+    disable_dropout,
+    train_only,
+    warn_unmerged_reference,
+)
+from lit_ft.data.heldout import HeldOut, HeldOutItem
+from lit_ft.data.preference import pair_values
+from lit_ft.errors import ConfigError
+from lit_ft.losses.preference import (
+    LossType,
+    PreferenceLossSettings,
+    preference_loss,
+    preference_metrics,
+    sequence_logps_from_hidden,
+)
+from lit_ft.metrics import exact_match, per_task_counts
+from lit_ft.padding import pad_rows
+from lit_ft.rl.kl import sequence_kl
+from lit_ft.rl.rollout import response_hidden, response_logits, sample
+from lit_ft.stages.run_contract import CheckpointContract
+from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
+
+CACHE_KEY = "dpo"  # the checkpoint key of the reference cache and the "before" evaluation
+
+
+class DPO(CheckpointContract, BackboneModule, L.LightningModule):
+    """DPO-family preference optimisation of a LoRA policy against a frozen reference, with exact resume.
+
+    Args:
+        backbone: the base model (``pretrained``, quantisation, dtype, attention, gradient checkpointing). Its
+            ``lora`` settings make the policy adapter when it starts fresh (``policy_adapter: null``).
+        policy_adapter: the SFT adapter the policy starts from (must exist when set): DPO refines a model that
+            already answers, as in every DPO recipe (Rafailov et al. 2023 start from the SFT model).
+        reference: "adapter" (a frozen copy of ``reference_adapter``, default the policy adapter: the SFT model)
+            or "base" (adapters disabled; right only when the SFT adapter was merged into the base).
+        reference_adapter: the adapter of the "adapter" reference.
+        loss_type: "sigmoid" (DPO; with ``label_smoothing``, conservative DPO), "ipo", "hinge", "robust", or
+            "simpo" (reference-free, length-normalised; the reference is then loaded for the KL report only).
+        beta: the loss's temperature (0.1: the DPO paper's and TRL's default; SimPO wants ~2, see
+            :class:`lit_ft.losses.preference.PreferenceLossSettings`).
+        label_smoothing: probability that a pair's label is flipped (0: trusted labels).
+        simpo_gamma: SimPO's target reward margin (0.5: TRL's CPOConfig default).
+        precompute_ref_log_probs: compute the reference's log-probs of every training pair once before training
+            and keep them with the run (False: the reference runs beside the policy at every step, as TRL's default).
+        optimizer: callable making the optimiser from the policy adapter's parameters.
+        scheduler: callable making the LR scheduler (warm-up + cosine by default).
+        num_eval: held-out prompts answered before and after training (greedy), None for all, 0 for none.
+        eval_batch_size: prompts per generation batch in that evaluation.
+        max_new_tokens: longest held-out answer.
+        export_dir: where the policy adapter (PEFT format, with the tokenizer and ``lit_ft_base.json``) is written
+            when training ends.
+    """
+
+    stage = "dpo"
+
+    def __init__(
+        self,
+        backbone: Backbone | None = None,
+        policy_adapter: str | None = "artifacts/sft/adapter",
+        reference: Reference = "adapter",
+        reference_adapter: str | None = None,
+        loss_type: LossType = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        precompute_ref_log_probs: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable = WarmupCosine,
+        num_eval: int | None = 200,
+        eval_batch_size: int = 64,
+        max_new_tokens: int = 32,
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        check_reference(reference)
+        self.loss = PreferenceLossSettings(loss_type, beta, label_smoothing, simpo_gamma)  # ConfigError when invalid
+        if reference == "adapter" and reference_adapter is None and policy_adapter is None:
+            raise ConfigError("reference: adapter needs model.reference_adapter (or a policy_adapter); with a fresh "
+                              "policy set reference: base")
+        self.backbone = backbone or Backbone(lora=LoraSettings())
+        self.policy_adapter, self.reference = policy_adapter, reference
+        self.reference_adapter = reference_adapter or policy_adapter
+        self.precompute_ref_log_probs = precompute_ref_log_probs
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        self.num_eval, self.eval_batch_size, self.max_new_tokens = num_eval, eval_batch_size, max_new_tokens
+        self.export_dir = export_dir
+        self._tokenizer = None
+        self.model: nn.Module | None = None
+        self._reference_name: str | None = None
+        self.ref_cache: torch.Tensor | None = None  # (pairs, 2) reference log-probs, in dataset order
+        self.evaluations: dict[str, dict[str, Any]] = {}
+        self._eval_texts: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Build the base once and put the policy and reference roles on it (idempotent)."""
+        if self.model is not None:
+            return
+        model = build_model(dataclasses.replace(self.load_spec(), lora=None, init_adapter=None), self.tokenizer,
+                            device_map=self.quantized_device_map())
+        model, how = add_policy(model, self.policy_adapter, self.backbone.lora or LoraSettings())
+        rank_zero_only(print)(f"dpo: {how}")
+        warn_unmerged_reference("dpo", self.reference, self.policy_adapter)
+        model, self._reference_name = add_reference(model, self.reference, self.reference_adapter)
+        model.set_adapter(POLICY)
+        train_only(model, (POLICY,))  # PEFT's set_adapter also toggles requires_grad: set them once
+        disable_dropout(model)  # TRL's disable_dropout=True: the policy at step 0 equals the reference exactly
+        model.train()
+        self.model = model
+
+    # ------------------------------------------------------------ forwards
+    def pair_logps(self, batch: dict[str, torch.Tensor], adapter: str | None = POLICY
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs and response lengths of every pair of ``batch`` under ``adapter`` (None:
+        adapters disabled), each (B, 2) as (chosen, rejected), from ONE forward pass over chosen and rejected."""
+        decoder, head = decoder_and_head(self.model)
+        packed = "real_segments" in batch
+        with active_adapter(self.model, adapter):
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                             position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+            logps, lengths = sequence_logps_from_hidden(hidden, head, batch["labels"],
+                                                        batch["position_ids"] if packed else None)
+        return pair_values(logps, batch), pair_values(lengths, batch)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor], cached: bool = True) -> torch.Tensor | None:
+        """The reference's (B, 2) log-probs: from the precomputed cache when there is one (training pairs), else a
+        forward pass under the reference; None for reference-free losses."""
+        if not self.loss.needs_reference:
+            return None
+        if cached and self.ref_cache is not None:
+            return self.ref_cache[batch["index"].cpu()].to(self.device)
+        return self.pair_logps(batch, self._reference_name)[0]
+
+    def loss_and_metrics(self, batch: dict[str, torch.Tensor], cached: bool = True
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy, lengths = self.pair_logps(batch)
+        ref = self.reference_logps(batch, cached)
+        ref_chosen, ref_rejected = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
+        out = preference_loss(self.loss, policy[:, 0], policy[:, 1], ref_chosen, ref_rejected, lengths[:, 0],
+                              lengths[:, 1])
+        return out.loss, preference_metrics(out, policy[:, 0], policy[:, 1])
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.loss_and_metrics(batch)
+        pairs = int(batch["index"].numel())
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=pairs)
+        self.log_dict(metrics, batch_size=pairs)  # TRL's names, unprefixed as TRL logs its training metrics
+        self.log("acc", metrics["rewards/accuracies"], prog_bar=True, logger=False, batch_size=pairs)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, metrics = self.loss_and_metrics(batch, cached=False)  # the cache holds the training pairs only
+        pairs = int(batch["index"].numel())
+        self.log("val/loss", loss, prog_bar=True, batch_size=pairs)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=pairs)
+
+    test_step = validation_step
+
+    # ------------------------------------------------------------ reference cache
+    @torch.no_grad()
+    def compute_reference_cache(self, dataset, collator, batch_size: int) -> torch.Tensor:
+        """The reference's (pairs, 2) log-probs of every pair of ``dataset``, in one pass in dataset order."""
+        from tqdm.auto import tqdm
+
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+        cache = torch.zeros(len(dataset), 2, dtype=torch.float32)
+        was_training = self.model.training
+        self.model.eval()
+        context = (self.trainer.precision_plugin.forward_context() if self._trainer is not None
+                   else contextlib.nullcontext())
+        with context:
+            for batch in tqdm(loader, desc="dpo: reference log-probs", disable=not self._is_global_zero()):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                cache[batch["index"].cpu()] = self.pair_logps(batch, self._reference_name)[0].float().cpu()
+        self.model.train(was_training)
+        return cache
+
+    def _is_global_zero(self) -> bool:
+        return self._trainer is None or self.trainer.is_global_zero
+
+    def _prepare_reference_cache(self) -> None:
+        """Precompute the reference log-probs once (not again on resume: the checkpoint brought them back)."""
+        if not (self.precompute_ref_log_probs and self.loss.needs_reference):
+            self.ref_cache = None
+            return
+        datamodule = self.trainer.datamodule
+        pairs = len(datamodule.train_dataset)
+        if self.ref_cache is not None and len(self.ref_cache) == pairs:
+            rank_zero_only(print)(f"dpo: reference log-probs of {pairs} pairs from the checkpoint")
+            return
+        self.ref_cache = self.compute_reference_cache(datamodule.train_dataset, datamodule.collator(),
+                                                      datamodule.micro_batch_size)
+        rank_zero_only(print)(f"dpo: reference log-probs of {pairs} pairs precomputed")
+
+    # ------------------------------------------------------------ evaluation
+    def _heldout(self) -> tuple[list[HeldOutItem], bool]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(datamodule, HeldOut) or self.num_eval == 0:
+            return [], False
+        items = datamodule.heldout()
+        return (items if self.num_eval is None else items[: self.num_eval]), bool(datamodule.checkable)
+
+    @torch.no_grad()
+    def answer(self, items: list[HeldOutItem]) -> tuple[list[str], list[float]]:
+        """Greedy answers of the policy to held-out prompts, and each answer's KL to the reference (nats, summed
+        over the answer's tokens, exact over the vocabulary: :func:`lit_ft.rl.kl.sequence_kl`)."""
+        was_training = self.model.training
+        self.model.eval()
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        texts: list[str] = []
+        kls: list[float] = []
+        for start in range(0, len(items), self.eval_batch_size):
+            prompts = [item.prompt.input_ids for item in items[start:start + self.eval_batch_size]]
+            query, query_mask = (t.to(self.device) for t in pad_rows(prompts, pad, "left"))
+            with active_adapter(self.model, POLICY):
+                samples = sample(self.model, query, query_mask, self.max_new_tokens, eos, pad, greedy=True)
+            response, mask = samples.tokens, samples.mask
+            logits = {}
+            for role in (POLICY, self._reference_name):
+                with active_adapter(self.model, role):
+                    hidden = response_hidden(self.model, query, query_mask, response, mask)
+                    logits[role] = response_logits(self.model, hidden)
+            kls += sequence_kl(logits[POLICY], logits[self._reference_name], mask).tolist()
+            texts += [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
+                      for row, m in zip(response, mask)]
+        self.model.train(was_training)
+        return texts, kls
+
+    def evaluate(self, tag: str) -> dict[str, Any]:
+        """Answer the held-out prompts and summarise: exact match (overall and per task, where checkable) and the
+        KL to the reference, mean and max."""
+        items, checkable = self._heldout()
+        if not items:
+            return {}
+        texts, kls = self.answer(items)
+        result: dict[str, Any] = {"prompts": len(items), "kl_mean": sum(kls) / len(kls), "kl_max": max(kls)}
+        if checkable:
+            right = [exact_match(t, item.reference) for t, item in zip(texts, items)]
+            result["exact_match"] = sum(right) / len(right)
+            for task, (n_right, total) in per_task_counts(right, [item.task for item in items]).items():
+                result[f"exact_match/{task}"] = n_right / total
+        self.evaluations[tag] = result
+        self._eval_texts[tag] = texts
+        if self._trainer is not None:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({f"eval/{k}_{tag}": float(v) for k, v in result.items()}, step=self.global_step)
+        return result
+
+    def on_train_start(self) -> None:
+        self._prepare_reference_cache()
+        if "before" not in self.evaluations:  # a resumed run brings the step-0 figures back from its checkpoint
+            self.evaluate("before")
+
+    def on_train_end(self) -> None:
+        after = self.evaluate("after")
+        if self.trainer.is_global_zero:
+            before = self.evaluations.get("before", {})
+            if after:
+                print(self.before_after_table(before, after))
+            if self.export_dir:
+                print(f"lit_ft: saved the DPO policy adapter to {self.export(self.export_dir)}")
+
+    def before_after_table(self, before: dict[str, Any], after: dict[str, Any]) -> str:
+        rows = [("exact_match", "exact match", "{:.1%}"), ("kl_mean", "KL to the reference, mean (nats)", "{:.3f}"),
+                ("kl_max", "KL to the reference, max (nats)", "{:.3f}")]
+        rows += [(k, f"  {k.split('/', 1)[1]}: exact match", "{:.1%}") for k in after if k.startswith("exact_match/")]
+        title = f"held-out, {after.get('prompts', 0)} prompts, greedy"
+        lines = [f"{title:<34} | {'before DPO':>12} | {'after DPO':>12}"]
+        lines.append("-" * len(lines[0]))
+        for key, label, fmt in rows:
+            cells = [fmt.format(figures[key]) if key in figures else "-" for figures in (before, after)]
+            lines.append(f"{label:<34} | {cells[0]:>12} | {cells[1]:>12}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
+                                      self.trainer.estimated_stepping_batches)
+
+    # ------------------------------------------------------------ checkpoints, export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The policy adapter (the contract keeps trainable tensors only), the reference cache and the step-0
+        evaluation: a resumed run neither recomputes the one nor loses the other."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CACHE_KEY] = {"ref_cache": self.ref_cache,
+                                 "evaluation_before": dict(self.evaluations.get("before", {}))}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint the config does not continue
+        state = checkpoint.get(CACHE_KEY) or {}
+        self.ref_cache = state.get("ref_cache")
+        if state.get("evaluation_before"):
+            self.evaluations["before"] = dict(state["evaluation_before"])
+
+    def export(self, directory: str) -> Path:
+        """The policy adapter in PEFT format, with the tokenizer and ``lit_ft_base.json``."""
+        return save_adapter(self.model, directory, POLICY, self.tokenizer, self.base_record())
+
