@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from lit_ft.data.gold import extract_answer
+
 
 def normalise_answer(text: str) -> str:
-    """What exact match compares: the first line, stripped of surrounding space and a final period."""
-    line = text.strip().split("\n", 1)[0].strip()
-    return line[:-1].strip() if line.endswith(".") else line
+    """What exact match compares: the answer a response gives in any of the embedded world's styles (the slot of a
+    restating sentence, the text after ``Answer:``, or the first line), stripped of a final period."""
+    return extract_answer(text)
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    """True when the first line of `prediction` is exactly `reference` (up to whitespace and a final period)."""
+    """True when `prediction` gives the answer `reference` gives, whatever the style of either ("7", "Answer: 7",
+    "3 plus 4 is 7." all give 7): on the embedded tasks, exactly the gold judge's rank >= 1."""
     return normalise_answer(prediction) == normalise_answer(reference)
 
 

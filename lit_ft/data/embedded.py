@@ -6,10 +6,12 @@ facts, which seed) once, and gives each data shape its records:
 * ``text``: the pre-training corpus, prose stating every fact (SFT-train and held-out) in several phrasings, plus
   fresh facts; validation documents from other fresh facts. The held-out evaluation is given the held-out
   *instruction* prompts, to show that a pre-trained base rambles instead of answering (exact match ~0);
-* ``instruction``: the SFT tasks, Alpaca records with exactly checkable answers; the held-out split asks facts the
+* ``instruction``: the SFT tasks, Alpaca records with exactly checkable answers, each answered in one of the answer
+  styles of :mod:`lit_ft.data.gold` (the preferred full sentence a minority); the held-out split asks facts the
   SFT split never shows;
-* ``preference``: pairs of the SFT facts, chosen = the right answer, rejected = a near miss (:func:`near_miss`);
-  the held-out evaluation (DPO's) is given the held-out instruction prompts, whose answers exact match checks;
+* ``preference``: pairs of the SFT facts labelled by the hidden gold judge (:func:`lit_ft.data.gold.gold_pair_records`:
+  preferred style over another style, correct over a near miss, correct over a near miss in the preferred style),
+  or with ``pairs.labels: near_miss`` the plain pairs chosen = the right answer, rejected = a near miss;
 * ``prompt``: the SFT training instructions PPO samples from (of chosen task families, optionally balanced), and
   the held-out instructions, whose answers exact match checks.
 
@@ -22,7 +24,7 @@ to SFT's questions, and no stage ever trains on a held-out question. In YAML::
         source:
           class_path: lit_ft.data.embedded.EmbeddedWorld
           init_args:
-            pairs: {rejected_per_fact: 2, extra_facts: 4000}
+            pairs: {kinds: [style, correctness, cross], extra_facts: 4000}
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
+from lit_ft.data.gold import (
+    DEFAULT_STYLE_WEIGHTS,
+    PAIR_KINDS,
+    PairKind,
+    check_style_weights,
+    gold_pair_records,
+    near_miss,
+    styled_instruction_records,
+)
 from lit_ft.data.records import RecordShape, RecordSplits
 from lit_ft.data.sources import DataError
 from lit_ft.data.synthetic import (
@@ -46,31 +58,16 @@ from lit_ft.data.synthetic import (
 PAIRS_TRAIN_SEED_OFFSET = 7  # near misses of the training pairs
 PAIRS_HELDOUT_SEED_OFFSET = 8  # near misses of the held-out pairs
 PAIRS_EXTRA_SEED_OFFSET = 11  # the reward model's fresh facts
+STYLE_TRAIN_SEED_OFFSET = 5  # answer styles of the SFT demonstrations
+STYLE_VAL_SEED_OFFSET = 6  # answer styles of the held-out demonstrations (validation loss)
 TEXT_VAL_SEED_OFFSET = 99  # the corpus's validation facts
 TEXT_VAL_FACTS = 200  # 100 validation documents of 2 fresh facts each: a stable loss, ~2 s to score on CPU
 
 
 # ------------------------------------------------------------------------------------ records from facts
-def near_miss(fact: Fact, rng: random.Random) -> str:
-    """A plausible wrong answer: off by one for numbers; for sequences, two unequal neighbours swapped (the nearest
-    miss), or one item changed by one step when all items are equal.
-    """
-    if fact.task in ("reverse", "sort"):
-        items = fact.answer.split(" ")
-        adjacent = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
-        if adjacent:
-            i = rng.choice(adjacent)
-            items[i], items[i + 1] = items[i + 1], items[i]
-        else:  # every item equal: change one by one step
-            i = rng.randrange(len(items))
-            items[i] = chr((ord(items[i]) - 97 + 1) % 26 + 97) if items[i].isalpha() else str((int(items[i]) + 1) % 10)
-        return " ".join(items)
-    n = int(fact.answer)
-    return str(rng.choice([m for m in (n - 1, n + 1) if m >= 0]))
-
-
 def preference_records(facts: Sequence[Fact], seed: int, rejected_per_fact: int = 1) -> list[dict]:
-    """Alpaca-format pairs (``instruction``, ``input``, ``chosen``, ``rejected``, ``task``) from embedded facts.
+    """Bare-answer pairs (``instruction``, ``input``, ``chosen``, ``rejected``, ``task``) from embedded facts: the
+    right answer over a near miss (:func:`lit_ft.data.gold.near_miss`), ``pairs.labels: near_miss``.
 
     With ``rejected_per_fact`` > 1, each fact gives several pairs with distinct wrong answers (as many as exist).
     """
@@ -122,18 +119,38 @@ class PairSettings:
     """The reward model's preference pairs (shape ``preference``).
 
     Args:
-        rejected_per_fact: training pairs per fact, each with a different wrong answer (1: one near miss; the
-            held-out split always has 1).
+        labels: ``gold`` (default: the world is about a preference, issue 16): pairs ordered by the hidden gold
+            judge, one of each of ``kinds`` per fact; ``near_miss``: bare answers, the right one over near misses.
+        kinds: the gold-labelled comparisons made for every fact, training and held-out alike
+            (:data:`lit_ft.data.gold.PAIR_KINDS`, all three by default): ``style`` (a correct answer in the
+            preferred style over one in another style), ``correctness`` (a correct answer over a near miss, one
+            style) and ``cross`` (a correct answer in another style over a near miss in the preferred style, so that
+            the style never outweighs correctness).
+        rejected_per_fact: ``near_miss`` training pairs per fact, each with a different wrong answer (1: one near
+            miss; the held-out split always has 1).
         extra_facts: fresh facts of the same tasks added to the training pairs (never a held-out question), so that
             the reward model learns to check answers rather than to remember the SFT facts (0: none).
     """
 
+    labels: Literal["gold", "near_miss"] = "gold"
+    kinds: list[PairKind] = field(default_factory=lambda: list(PAIR_KINDS))
     rejected_per_fact: int = 1
     extra_facts: int = 0
 
     def __post_init__(self) -> None:
+        if self.labels not in ("gold", "near_miss"):
+            raise DataError(f"pairs.labels must be 'gold' or 'near_miss', got {self.labels!r}")
+        unknown = sorted(set(self.kinds) - set(PAIR_KINDS))
+        if unknown or not self.kinds:
+            raise DataError(f"pairs.kinds: expected some of {', '.join(PAIR_KINDS)}, got {list(self.kinds)}")
         if self.rejected_per_fact < 1:
             raise DataError(f"rejected_per_fact must be >= 1, got {self.rejected_per_fact}")
+
+    def records(self, facts: Sequence[Fact], seed: int, heldout: bool) -> list[dict]:
+        """The pairs of ``facts`` (``heldout``: one near miss per fact)."""
+        if self.labels == "gold":
+            return gold_pair_records(facts, seed, self.kinds)
+        return preference_records(facts, seed, 1 if heldout else self.rejected_per_fact)
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,9 @@ class EmbeddedWorld:
         num_heldout: held-out facts, never trained on by any stage (200: +-3.5 points of sampling error at 50%).
         world_seed: seed of the world; every record set is a pure function of it (1234: the one the embedded base
             was pre-trained on; change it and pre-train again).
+        answer_styles: weight of each answer style (``sentence``, ``bare``, ``label``) in the SFT demonstrations;
+            None for :data:`lit_ft.data.gold.DEFAULT_STYLE_WEIGHTS` (the preferred ``sentence`` a 25% minority,
+            so that RLHF has a preference to teach); ``{bare: 1.0}`` gives the plain answers of the first world.
         corpus: the pre-training corpus's settings.
         pairs: the preference pairs' settings.
         prompts: PPO's prompt settings.
@@ -174,6 +194,7 @@ class EmbeddedWorld:
     num_train: int = 2000
     num_heldout: int = 200
     world_seed: int = 1234
+    answer_styles: dict[str, float] | None = None
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     pairs: PairSettings = field(default_factory=PairSettings)
     prompts: PromptSettings = field(default_factory=PromptSettings)
@@ -182,6 +203,10 @@ class EmbeddedWorld:
         if self.num_train < 1 or self.num_heldout < 0:
             raise DataError(f"the embedded world needs num_train >= 1 and num_heldout >= 0, got {self.num_train} "
                             f"and {self.num_heldout}")
+        try:
+            check_style_weights(DEFAULT_STYLE_WEIGHTS if self.answer_styles is None else self.answer_styles)
+        except ValueError as err:
+            raise DataError(f"answer_styles: {err}") from None
 
     def facts(self) -> tuple[list[Fact], list[Fact]]:
         """(SFT-train facts, held-out facts): disjoint, no question in both."""
@@ -202,16 +227,21 @@ class EmbeddedWorld:
                 seen = {f.question for f in train + heldout}
                 extra = generate_facts(self.pairs.extra_facts, self.world_seed + PAIRS_EXTRA_SEED_OFFSET)
                 train = train + [f for f in extra if f.question not in seen]
-            return RecordSplits(  # evaluation asks the held-out facts' questions, whose answers are checkable
-                preference_records(train, self.world_seed + PAIRS_TRAIN_SEED_OFFSET, self.pairs.rejected_per_fact),
-                preference_records(heldout, self.world_seed + PAIRS_HELDOUT_SEED_OFFSET, 1),
-                heldout=instruction_records(heldout), checkable=True)
+            val = self.pairs.records(heldout, self.world_seed + PAIRS_HELDOUT_SEED_OFFSET, heldout=True)
+            first = {r["instruction"]: r for r in reversed(val)}  # one pair per held-out question, for its prompt
+            return RecordSplits(self.pairs.records(train, self.world_seed + PAIRS_TRAIN_SEED_OFFSET, heldout=False),
+                                val, heldout=[first[f.question] for f in heldout])
         if shape == "prompt":
             if self.prompts.tasks is not None:
                 train = [f for f in train if f.task in self.prompts.tasks]
             if self.prompts.balance_tasks:
                 train = balanced_by_task(train)
-        elif shape != "instruction":
+        elif shape == "instruction":  # styled demonstrations; the held-out evaluation checks the answer in any style
+            return RecordSplits(
+                styled_instruction_records(train, self.world_seed + STYLE_TRAIN_SEED_OFFSET, self.answer_styles),
+                styled_instruction_records(heldout, self.world_seed + STYLE_VAL_SEED_OFFSET, self.answer_styles),
+                heldout=instruction_records(heldout), checkable=True)
+        else:
             raise DataError(f"the embedded world has no '{shape}' records (expected text, instruction, preference "
                             "or prompt)")
         return RecordSplits(instruction_records(train), instruction_records(heldout), checkable=True)

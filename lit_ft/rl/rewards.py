@@ -7,6 +7,9 @@ config by ``class_path`` under ``model.rewards``. Scores of all rewards (and of 
     rewards:
       - class_path: lit_ft.rl.rewards.ExactMatchReward
         init_args: {correct: 1.0, wrong: 0.0}
+
+The same interface gives PPO its optional *gold* reward (``model.gold_reward``), which is logged beside the
+reward-model score and never trained on: :class:`GoldReward` is the embedded world's hidden judge.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from lit_ft.data.formats import Prompt
+from lit_ft.data.gold import gold_rank
 from lit_ft.metrics import exact_match
 
 
@@ -61,3 +65,16 @@ class LengthPenalty(ProgrammaticReward):
 
     def __call__(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         return torch.tensor([-self.per_token * len(r.split()) for r in responses], dtype=torch.float32)
+
+
+class GoldReward(ProgrammaticReward):
+    """The embedded world's hidden gold judge (:func:`lit_ft.data.gold.gold_rank`): 2 for a correct answer in the
+    preferred style (a sentence restating the question), 1 for a correct answer in another style, 0 for a wrong
+    one or a prompt without an embedded question. PPO logs it as ``gold/score``; it never enters the reward.
+    """
+
+    name = "gold"
+    top_score = 2.0  # the judge's best rank: the share of responses reaching it is the gold win-rate
+
+    def __call__(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
+        return torch.tensor([float(gold_rank(p.text, r)) for p, r in zip(prompts, responses)], dtype=torch.float32)

@@ -21,9 +21,9 @@ the first step, in dataset order, and keeps the (pairs, 2) log-probs in the modu
 forward only. The cache goes into every checkpoint (key ``dpo``), so a resumed run reads it back instead of
 recomputing it, and ends with the same weights as an uninterrupted one.
 
-Held-out evaluation before training and after (greedy answers to the data module's held-out prompts: exact match,
-and the KL of the policy to the reference along each answer) is printed as a before/after table; the adapter is
-exported to ``export_dir`` as the other stages export theirs.
+Held-out evaluation before training and after (greedy answers to the data module's held-out prompts: the gold
+win-rate with a ``gold_reward``, exact match, and the KL of the policy to the reference along each answer) is
+printed as PPO's before/after table; the adapter is exported to ``export_dir`` as the other stages export theirs.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from lit_ft.backbone.roles import (
     train_only,
     warn_unmerged_reference,
 )
+from lit_ft.data.gold import parse_question
 from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.data.preference import pair_values
 from lit_ft.errors import ConfigError
@@ -69,10 +70,12 @@ from lit_ft.losses.preference import (
     preference_metrics,
     sequence_logps_from_hidden,
 )
-from lit_ft.metrics import exact_match, per_task_counts
+from lit_ft.metrics import exact_match
 from lit_ft.padding import pad_rows
 from lit_ft.rl.kl import sequence_kl
+from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import response_hidden, response_logits, sample
+from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
@@ -98,6 +101,8 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         simpo_gamma: SimPO's target reward margin (0.5: TRL's CPOConfig default).
         precompute_ref_log_probs: compute the reference's log-probs of every training pair once before training
             and keep them with the run (False: the reference runs beside the policy at every step, as TRL's default).
+        gold_reward: a hidden gold judge (``class_path``, e.g. :class:`lit_ft.rl.rewards.GoldReward`) scoring the
+            held-out answers for the gold win-rate; evaluation only, DPO never trains on it.
         optimizer: callable making the optimiser from the policy adapter's parameters.
         scheduler: callable making the LR scheduler (warm-up + cosine by default).
         num_eval: held-out prompts answered before and after training (greedy), None for all, 0 for none.
@@ -120,6 +125,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         precompute_ref_log_probs: bool = False,
+        gold_reward: ProgrammaticReward | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = WarmupCosine,
         num_eval: int | None = 200,
@@ -128,7 +134,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         export_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "gold_reward"])
         check_reference(reference)
         self.loss = PreferenceLossSettings(loss_type, beta, label_smoothing, simpo_gamma)  # ConfigError when invalid
         if reference == "adapter" and reference_adapter is None and policy_adapter is None:
@@ -138,6 +144,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.policy_adapter, self.reference = policy_adapter, reference
         self.reference_adapter = reference_adapter or policy_adapter
         self.precompute_ref_log_probs = precompute_ref_log_probs
+        self.gold_reward = gold_reward
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.num_eval, self.eval_batch_size, self.max_new_tokens = num_eval, eval_batch_size, max_new_tokens
         self.export_dir = export_dir
@@ -288,25 +295,38 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.model.train(was_training)
         return texts, kls
 
-    def evaluate(self, tag: str) -> dict[str, Any]:
-        """Answer the held-out prompts and summarise: exact match (overall and per task, where checkable) and the
-        KL to the reference, mean and max."""
+    @staticmethod
+    def reference_answer(item: HeldOutItem, checkable: bool) -> str | None:
+        """The answer a held-out prompt is checked against: the record's, when the data's answers are the one right
+        answer; else the embedded question's own (held-out *pairs* carry no reference, their questions do)."""
+        if checkable and item.reference is not None:
+            return item.reference
+        question = parse_question(item.prompt.text)
+        return question.answer if question is not None else None
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Answer the held-out prompts and summarise them as PPO does (:mod:`lit_ft.stages.ppo_evaluation`):
+        gold win-rate (with a ``gold_reward``), exact match (where answers can be checked) and the KL to the
+        reference, overall and per task family."""
         items, checkable = self._heldout()
         if not items:
             return {}
         texts, kls = self.answer(items)
-        result: dict[str, Any] = {"prompts": len(items), "kl_mean": sum(kls) / len(kls), "kl_max": max(kls)}
-        if checkable:
-            right = [exact_match(t, item.reference) for t, item in zip(texts, items)]
-            result["exact_match"] = sum(right) / len(right)
-            for task, (n_right, total) in per_task_counts(right, [item.task for item in items]).items():
-                result[f"exact_match/{task}"] = n_right / total
-        self.evaluations[tag] = result
+        result = HeldoutResult(texts=texts, tasks=[item.task for item in items], kl=kls)
+        references = [self.reference_answer(item, checkable) for item in items]
+        if all(r is not None for r in references):
+            result.right = [exact_match(t, r) for t, r in zip(texts, references)]
+        if self.gold_reward is not None:
+            result.gold = self.gold_reward([item.prompt for item in items], texts).tolist()
+            result.gold_top = getattr(self.gold_reward, "top_score", None)
+        summary = result.summary()
+        summary["prompts"] = float(len(items))
+        self.evaluations[tag] = summary
         self._eval_texts[tag] = texts
         if self._trainer is not None:
             for logger in self.trainer.loggers:
-                logger.log_metrics({f"eval/{k}_{tag}": float(v) for k, v in result.items()}, step=self.global_step)
-        return result
+                logger.log_metrics({f"eval/{k}_{tag}": v for k, v in summary.items()}, step=self.global_step)
+        return summary
 
     def on_train_start(self) -> None:
         self._prepare_reference_cache()
@@ -318,21 +338,10 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         if self.trainer.is_global_zero:
             before = self.evaluations.get("before", {})
             if after:
-                print(self.before_after_table(before, after))
+                names = ("SFT policy" if self.policy_adapter else "start", f"{self.loss.loss_type} policy")
+                print(before_after_table(before, after, int(after["prompts"]), names))
             if self.export_dir:
                 print(f"lit_ft: saved the DPO policy adapter to {self.export(self.export_dir)}")
-
-    def before_after_table(self, before: dict[str, Any], after: dict[str, Any]) -> str:
-        rows = [("exact_match", "exact match", "{:.1%}"), ("kl_mean", "KL to the reference, mean (nats)", "{:.3f}"),
-                ("kl_max", "KL to the reference, max (nats)", "{:.3f}")]
-        rows += [(k, f"  {k.split('/', 1)[1]}: exact match", "{:.1%}") for k in after if k.startswith("exact_match/")]
-        title = f"held-out, {after.get('prompts', 0)} prompts, greedy"
-        lines = [f"{title:<34} | {'before DPO':>12} | {'after DPO':>12}"]
-        lines.append("-" * len(lines[0]))
-        for key, label, fmt in rows:
-            cells = [fmt.format(figures[key]) if key in figures else "-" for figures in (before, after)]
-            lines.append(f"{label:<34} | {cells[0]:>12} | {cells[1]:>12}")
-        return "\n".join(lines)
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from lit_ft.backbone.roles import (
 from lit_ft.data.formats import Prompt
 from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.errors import ConfigError
-from lit_ft.metrics import exact_match, per_task_counts
+from lit_ft.metrics import exact_match
 from lit_ft.padding import pad_rows, position_ids_from_mask
 from lit_ft.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
 from lit_ft.rl.kl import AdaptiveKLController, FixedKLController
@@ -68,6 +68,7 @@ from lit_ft.rl.losses import (
 )
 from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import Rollout, response_hidden, response_logits, sample
+from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table, sequence_kl
 from lit_ft.stages.reward_model import init_score_head, load_reward_model, sequence_rewards
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
@@ -114,6 +115,9 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         reference_adapter: the adapter of the "adapter" reference.
         rewards: programmatic rewards (``class_path``), added to the reward-model score.
         reward_model_weight: weight of the normalised reward-model score (1.0).
+        gold_reward: a hidden gold reward (``class_path``, e.g. :class:`lit_ft.rl.rewards.GoldReward`), for logging
+            only: ``gold/score`` at each rollout beside the reward-model score, and the gold win-rate of the
+            held-out evaluation. It never enters the reward PPO trains on (Gao et al. 2022's proxy-vs-gold set-up).
         optimizer: callable making the optimiser of the policy and value parameters.
         scheduler: callable making the LR scheduler (warm-up + cosine by default), stepped per update.
         kl_controller: the KL coefficient beta, fixed or adaptive (Ziegler et al. 2019); default fixed 0.05.
@@ -135,7 +139,8 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         whiten_rewards: whiten the per-token rewards before GAE (off).
         sampling_seed: seed of the sampling and minibatch generator (checkpointed: exact resume); None takes
             the global seed (``seed_everything``), so one seed sets the whole run.
-        num_eval: held-out prompts scored before and after training (greedy), None for all.
+        num_eval: held-out prompts scored before and after training (greedy): exact match, gold win-rate, reward-model
+            score and KL to the reference, overall and per task family; None for all.
         eval_batch_size: prompts per batch when scoring held-out prompts.
         num_logged_samples: generations per logged sample table.
         export_dir: where the policy adapter and the value adapter and head are written when training ends.
@@ -153,6 +158,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         reference_adapter: str | None = None,
         rewards: list[ProgrammaticReward] | None = None,
         reward_model_weight: float = 1.0,
+        gold_reward: ProgrammaticReward | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = WarmupCosine,
         kl_controller: FixedKLController | AdaptiveKLController | None = None,
@@ -179,7 +185,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         export_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards", "kl_controller"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards", "kl_controller", "gold_reward"])
         self.automatic_optimization = False
         if value_init not in ("reward", "fresh"):
             raise ConfigError(f"value_init must be 'reward' or 'fresh', got {value_init!r}")
@@ -194,6 +200,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.reference_adapter = reference_adapter or policy_adapter
         self.rewards = list(rewards or [])
         self.reward_model_weight = reward_model_weight
+        self.gold_reward = gold_reward
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.kl_controller = kl_controller or FixedKLController(0.05)
         self.kl_estimator = kl_estimator
@@ -217,6 +224,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
             torch.initial_seed() if sampling_seed is None else sampling_seed)
         self.evaluations: dict[str, dict[str, float]] = {}
         self._eval_texts: dict[str, list[str]] = {}
+        self._eval_count = 0  # held-out prompts of the last evaluation (the table header)
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -396,11 +404,26 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
             "time/update_s": trained - generated,
         })
         metrics.update({f"train/score_{k}": float(v.mean()) for k, v in r.score_parts.items()})
+        metrics.update(self._gold_metrics(r))
         self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=len(r.query))
         self.log("score", metrics["train/score"], prog_bar=True, on_step=True, logger=False)
         self.log("kl", metrics["train/kl"], prog_bar=True, on_step=True, logger=False)
+        if "gold/score" in metrics:
+            self.log("gold", metrics["gold/score"], prog_bar=True, on_step=True, logger=False)
         if batch_idx % 10 == 0:
             self._log_samples(r)
+
+    def _gold_metrics(self, r: Rollout) -> dict[str, float]:
+        """``gold/score`` (and ``gold/win_rate`` when the gold reward has a top score) of the rollout's samples:
+        computed after the rewards and advantages, for the log only."""
+        if self.gold_reward is None:
+            return {}
+        gold = self.gold_reward(r.prompts, r.texts).float()
+        out = {"gold/score": float(gold.mean())}
+        top = getattr(self.gold_reward, "top_score", None)
+        if top is not None:
+            out["gold/win_rate"] = float((gold >= top).float().mean())
+        return out
 
     def _log_samples(self, r: Rollout) -> None:
         rows = [[p.text[-200:], t, float(s)] for p, t, s in zip(r.prompts, r.texts, r.scores)]
@@ -411,12 +434,21 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, prompts: list[Prompt], checkable: bool) -> dict[str, Any]:
-        """Greedy responses to held-out prompts: exact match (where checkable) and mean reward-model score."""
+    def _kl_to_reference(self, query, query_mask, response, response_mask) -> torch.Tensor:
+        """Exact KL (nats) of the policy to the reference along each response, at the sampling temperature."""
+        args = (query, query_mask, response, response_mask)
+        return sequence_kl(self._policy_logits(*args), self._policy_logits(*args, adapter=self._reference_adapter()),
+                           response_mask)
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[Prompt], checkable: bool, tasks: list[str | None] | None = None
+                 ) -> HeldoutResult:
+        """Greedy responses to held-out prompts: exact match (where checkable), the gold score (with a gold reward),
+        the reward-model score and the KL to the reference, per prompt."""
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id
-        texts, rm_scores = [], []
+        result = HeldoutResult(texts=[], tasks=list(tasks or [None] * len(prompts)))
         device = self.device
         for start in range(0, len(prompts), self.eval_batch_size):
             query, query_mask = pad_rows([p.input_ids for p in prompts[start:start + self.eval_batch_size]], pad,
@@ -425,17 +457,17 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
             with active_adapter(self.model, POLICY):
                 samples = sample(self.model, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
                                  pad, greedy=True)
-            texts += self._decode(samples.tokens, samples.mask)
+            result.texts += self._decode(samples.tokens, samples.mask)
             if self.reward_head is not None:
-                rm_scores += self.reward_model_scores(query, query_mask, samples.tokens, samples.mask).tolist()
+                result.reward_model += self.reward_model_scores(query, query_mask, samples.tokens,
+                                                                samples.mask).tolist()
+            result.kl += self._kl_to_reference(query, query_mask, samples.tokens, samples.mask).tolist()
         self.model.train(was_training)
-        result: dict[str, Any] = {"texts": texts, "prompts": prompts}
         if checkable:
-            right = [exact_match(t, p.reference) for t, p in zip(texts, prompts)]
-            result["exact_match"] = sum(right) / len(prompts)
-            result["right"] = right
-        if rm_scores:
-            result["reward_model_score"] = sum(rm_scores) / len(rm_scores)
+            result.right = [exact_match(t, p.reference) for t, p in zip(result.texts, prompts)]
+        if self.gold_reward is not None:
+            result.gold = self.gold_reward(prompts, result.texts).tolist()
+            result.gold_top = getattr(self.gold_reward, "top_score", None)
         return result
 
     def _heldout(self) -> tuple[list[HeldOutItem], bool]:
@@ -452,25 +484,23 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         if not items:
             return
         prompts = [item.prompt for item in items]
-        result = self.evaluate(prompts, checkable)
-        tasks = [item.task for item in items]
-        by_task = per_task_counts(result.get("right", []), tasks)
-        for task, (right, total) in by_task.items():
-            result[f"exact_match/{task}"] = right / total
-        self.evaluations[tag] = {k: v for k, v in result.items() if isinstance(v, float)}
-        self._eval_texts[tag] = result["texts"]
+        result = self.evaluate(prompts, checkable, [item.task for item in items])
+        self.evaluations[tag] = result.summary()
+        self._eval_texts[tag] = result.texts
+        self._eval_count = len(prompts)
         if not self.trainer.is_global_zero:
             return
-        parts = []
-        if "exact_match" in result:
-            detail = ", ".join(f"{task} {right}/{total}" for task, (right, total) in by_task.items())
-            parts.append(f"exact match {result['exact_match']:.1%}" + (f" ({detail})" if detail else ""))
-        if "reward_model_score" in result:
-            parts.append(f"mean reward-model score {result['reward_model_score']:+.3f}")
+        figures, parts = self.evaluations[tag], []
+        if "gold_win_rate" in figures:
+            parts.append(f"gold win-rate {figures['gold_win_rate']:.1%}")
+        if "exact_match" in figures:
+            detail = result.counts()
+            parts.append(f"exact match {figures['exact_match']:.1%}" + (f" ({detail})" if detail else ""))
+        if "reward_model_score" in figures:
+            parts.append(f"mean reward-model score {figures['reward_model_score']:+.3f}")
         print(f"held-out {tag} PPO ({len(prompts)} prompts, greedy): {', '.join(parts)}")
         for logger in self.trainer.loggers:
-            logger.log_metrics({f"eval/{k}_{tag}": v for k, v in self.evaluations[tag].items()},
-                               step=self.global_step)
+            logger.log_metrics({f"eval/{k}_{tag}": v for k, v in figures.items()}, step=self.global_step)
 
     def on_train_start(self) -> None:
         self._check_checkpoint_interval()
@@ -507,9 +537,8 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         if self.trainer.is_global_zero:
             before, after = self.evaluations.get("before", {}), self.evaluations.get("after", {})
             self._print_before_after()
-            for key in ("exact_match", "reward_model_score"):
-                if key in before and key in after:
-                    print(f"{key.replace('_', ' ')}: {before[key]:.4f} -> {after[key]:.4f}")
+            if before and after:
+                print(before_after_table(before, after, self._eval_count))
             if self.export_dir:
                 print(f"lit_ft: saved the PPO policy and value to {self.export(self.export_dir)}")
 

@@ -36,7 +36,8 @@ def test_pretrain_sft_rm_ppo_pipeline(tmp_path, monkeypatch, capsys) -> None:
 
     assert "reward model: starting from the adapter at artifacts/sft/adapter" in out
     stats = json.loads((tmp_path / "artifacts" / "rm" / "reward_stats.json").read_text())
-    assert stats["heldout_accuracy"] > 0.6 and stats["heldout_pairs"] == 200
+    assert stats["heldout_accuracy"] > 0.6
+    assert stats["heldout_pairs"] == 600  # one gold-labelled pair of each of the 3 kinds per held-out fact
 
     assert "ppo: policy from the adapter at artifacts/sft/adapter" in out
     assert "held-out before PPO (60 prompts, greedy)" in out and "held-out after PPO (60 prompts, greedy)" in out

@@ -110,7 +110,7 @@ def test_each_7b_recipe_runs_two_steps_on_a_stand_in_and_the_tools_load_its_base
     assert "reward model: starting from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
     assert "ppo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
     assert "dpo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
-    assert re.search(r"dpo: reference log-probs of \d+ pairs precomputed", out) and "after DPO" in out
+    assert re.search(r"dpo: reference log-probs of \d+ pairs precomputed", out) and "| sigmoid policy" in out
     runs = ("mistral7b_qlora_alpaca", "mistral7b_qlora_rm_hh", "mistral7b_qlora_ppo", "mistral7b_qlora_dpo_hh")
     assert [_steps(r) for r in runs] == [2, 2, 2, 2]
 

@@ -1,5 +1,6 @@
 """The embedded world as a record source: each stage config gives exactly the records, token rows and held-out
-prompts it gave before the data layer was restructured (pinned from the code of commit 6dea0a6); near misses,
+prompts it gave before the data layer was restructured (pinned from the code of commit 6dea0a6; SFT and RM
+re-pinned for issue 16's styled demonstrations and gold-labelled pairs); near misses,
 task families, and one world behind every shape."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lit_ft.data.embedded import (
     preference_records,
 )
 from lit_ft.data.formats import format_alpaca_prompt
+from lit_ft.data.gold import PAIR_KINDS, gold_pair_records, gold_rank
 from lit_ft.data.preference_formats import tokenize_pair
 from lit_ft.data.sources import DataError
 from lit_ft.data.synthetic import split_facts
@@ -31,13 +33,15 @@ PINNED = {
         "val": (100, "7982121d4cbfaaae", {"text": "The sum 7 + 5 equals 12. Adding 7 and 5 gives 12. 7 plus 5 is 12. Q: What is 7 + 5? A: 12. There are 2 letters in h x. Counting h x gives 2 letters. h x has 2 letters. Q: How many letters are in: h x A: 2."}),
         "heldout": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
-    "sft": {
-        "train": (2000, "560f4519cf239c3d", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max"}),
-        "val": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
+    "sft": {  # issue 16: demonstrations in the answer styles of lit_ft.data.gold; held-out references bare
+        "train": (2000, "603ec1ef4b365098", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max", "style": "bare"}),
+        "val": (200, "8935aeea15fd3d85", {"instruction": "What number comes after 1?", "input": "", "output": "Answer: 2", "task": "successor", "style": "label"}),
+        "heldout": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
-    "rm": {
-        "train": (9787, "45d84b04910e179d", {"instruction": "What is the largest of 6 7 7?", "input": "", "chosen": "7", "rejected": "8", "task": "max"}),
-        "val": (200, "31a3a0eb19f50c2f", {"instruction": "What number comes after 1?", "input": "", "chosen": "2", "rejected": "1", "task": "successor"}),
+    "rm": {  # issue 16: gold-labelled pairs, one of each kind (style, correctness, cross) per fact
+        "train": (15234, "8174f0942d569ed3", {"instruction": "What is the largest of 6 7 7?", "input": "", "chosen": "7 is the largest of 6 7 7.", "rejected": "7", "task": "max", "kind": "style"}),
+        "val": (600, "f16cb25138b508c1", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
+        "heldout": (200, "409abc798d9e6a55", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
     },
     "ppo": {
         "train": (2535, "5d0fa0fb13d18fa0", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max"}),
@@ -86,15 +90,15 @@ def test_stage_configs_give_the_pinned_records(stage: str) -> None:
 # stage -> (rows of the training dataset, their hash), (held-out prompts, hash of text/ids/reference), checkable
 PINNED_TOKENS = {
     "pretrain": ((657, "9711cb1377edf4de"), (200, "2bb1f9cb09c90fdd"), True),
-    "sft": ((196, "d18a84b5ba901e71"), (200, "2bb1f9cb09c90fdd"), True),
-    "rm": ((9787, "3f6a876b4e813042"), None, False),
+    "sft": ((206, "fe10069cb2428452"), (200, "2bb1f9cb09c90fdd"), True),
+    "rm": ((15234, "a2c36a963136d234"), None, False),
     "ppo": ((2535, "2c748931b14373c0"), (200, "2bb1f9cb09c90fdd"), True),
 }
 PINNED_PPO_TASKS = "d92128828d50f5fe"  # the task family of each held-out prompt
 
 
 @pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s == "rm" else s
-                                   for s in sorted(PINNED_TOKENS)])  # rm: 9787 pairs, ~15 s to tokenize
+                                   for s in sorted(PINNED_TOKENS)])  # rm: 15234 pairs, ~25 s to tokenize
 def test_stage_configs_give_the_pinned_token_rows_and_heldout_prompts(stage: str, tokenizer, capsys) -> None:
     """What training and evaluation see: the tokenized rows and the rendered held-out prompts, as before."""
     dm = stage_data(stage)
@@ -129,20 +133,50 @@ def test_near_misses_are_plausible_and_wrong() -> None:
             assert abs(int(wrong) - int(fact.answer)) == 1
 
 
-def test_embedded_pairs_use_the_sft_split_and_alpaca_prompt(tokenizer) -> None:
-    splits = EmbeddedWorld(pairs=PairSettings(rejected_per_fact=2)).splits("preference")
+def test_embedded_pairs_are_gold_labelled_on_the_sft_split_with_the_alpaca_prompt(tokenizer) -> None:
+    splits = EmbeddedWorld(pairs=PairSettings(extra_facts=100)).splits("preference")
     train, heldout = splits.train, splits.val
     sft_train, sft_heldout = split_facts(1234, 2000, 200)
-    assert [r["instruction"] for r in heldout] == [f.question for f in sft_heldout]
-    assert {r["instruction"] for r in train} == {f.question for f in sft_train}
-    assert len(train) > len(sft_train) and len(heldout) == 200
-    assert all(r["chosen"] == f.answer for r, f in zip(heldout, sft_heldout))
-    assert preference_records(sft_heldout, 1242) == heldout  # deterministic from the world seed
+    kinds = len(PAIR_KINDS)
+    assert [r["instruction"] for r in heldout] == [f.question for f in sft_heldout for _ in range(kinds)]
+    assert {f.question for f in sft_train} <= {r["instruction"] for r in train}
+    assert not {r["instruction"] for r in train} & {f.question for f in sft_heldout}  # never a held-out question
+    assert len(heldout) == kinds * 200 and {r["kind"] for r in heldout} == set(PAIR_KINDS)
+    assert all(gold_rank(r["instruction"], r["chosen"]) > gold_rank(r["instruction"], r["rejected"]) for r in heldout)
+    assert gold_pair_records(sft_heldout, 1242) == heldout  # deterministic from the world seed
     pair = tokenize_pair(heldout[0], tokenizer)
     prompt = tokenizer.decode(pair.prompt_ids, skip_special_tokens=True)
     assert prompt == format_alpaca_prompt(sft_heldout[0].question)
+    only = EmbeddedWorld(pairs=PairSettings(kinds=["cross"])).splits("preference").val
+    assert {r["kind"] for r in only} == {"cross"} and len(only) == 200
+    with pytest.raises(DataError, match="pairs.kinds"):
+        PairSettings(kinds=["style", "length"])
+
+
+def test_near_miss_pairs_on_request(tokenizer) -> None:
+    splits = EmbeddedWorld(pairs=PairSettings(labels="near_miss", rejected_per_fact=2)).splits("preference")
+    train, heldout = splits.train, splits.val
+    sft_train, sft_heldout = split_facts(1234, 2000, 200)
+    assert [r["instruction"] for r in heldout] == [f.question for f in sft_heldout]
+    assert len(train) > len(sft_train) and len(heldout) == 200
+    assert all(r["chosen"] == f.answer for r, f in zip(heldout, sft_heldout))
+    assert preference_records(sft_heldout, 1242) == heldout  # deterministic from the world seed
     with pytest.raises(DataError, match="rejected_per_fact must be >= 1"):
-        PairSettings(rejected_per_fact=0)
+        PairSettings(labels="near_miss", rejected_per_fact=0)
+
+
+def test_sft_demonstrations_are_styled_and_the_heldout_reference_is_the_bare_answer() -> None:
+    splits = EmbeddedWorld().splits("instruction")
+    styles = [r["style"] for r in splits.train]
+    assert 0.15 < styles.count("sentence") / len(styles) < 0.35  # the preferred style a minority
+    assert all(gold_rank(r["instruction"], r["output"]) == (2 if r["style"] == "sentence" else 1)
+               for r in splits.train)
+    _, sft_heldout = split_facts(1234, 2000, 200)
+    assert [r["output"] for r in splits.heldout] == [f.answer for f in sft_heldout]
+    bare = EmbeddedWorld(answer_styles={"bare": 1.0}).splits("instruction").train
+    assert {r["style"] for r in bare} == {"bare"}
+    with pytest.raises(DataError, match="answer_styles"):
+        EmbeddedWorld(answer_styles={"shouting": 1.0})
 
 
 # ----------------------------------------------------------------------------------------- one world

@@ -166,8 +166,10 @@ def test_hyperparameters_describe_the_source_as_plain_data(tmp_path: Path) -> No
     dm = PreferenceDataModule(EmbeddedWorld(num_train=8, num_heldout=2), max_seq_length=64)
     assert dm.hparams["source"] == {"class_path": "lit_ft.data.embedded.EmbeddedWorld",
                                     "init_args": {"num_train": 8, "num_heldout": 2, "world_seed": 1234,
+                                                  "answer_styles": None,
                                                   "corpus": {"extra_facts": 2000, "sentences_per_doc": 6},
-                                                  "pairs": {"rejected_per_fact": 1, "extra_facts": 0},
+                                                  "pairs": {"labels": "gold", "kinds": ["style", "correctness", "cross"],
+                                                            "rejected_per_fact": 1, "extra_facts": 0},
                                                   "prompts": {"tasks": None, "balance_tasks": False}}}
     assert dm.hparams["max_seq_length"] == 64 and InstructionDataModule("a.jsonl").hparams["source"] == "a.jsonl"
     torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "x.ckpt")

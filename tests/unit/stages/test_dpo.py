@@ -15,6 +15,7 @@ from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, sa
 from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.preference import DPODataModule, PackedPairCollator, PaddedPairCollator, pair_values
 from lit_ft.errors import ConfigError
+from lit_ft.rl.rewards import GoldReward
 from lit_ft.stages.dpo import DPO
 from tests.tiny_models import ROOT, TINY, StopAt, config_command
 
@@ -185,7 +186,8 @@ def test_the_precomputed_cache_equals_the_live_reference(stages) -> None:
 # ------------------------------------------------------------------------------------------- fit, resume
 def _fit(tmp_path, stages, max_steps: int, stop_at: int | None = None, ckpt_path: str | None = None, **settings):
     L.seed_everything(7)
-    module = _module(stages, export_dir=str(tmp_path / "out"), precompute_ref_log_probs=True, **settings)
+    module = _module(stages, export_dir=str(tmp_path / "out"), precompute_ref_log_probs=True,
+                     gold_reward=GoldReward(), **settings)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2,
                                                save_top_k=0)
     callbacks = [ckpt] + ([StopAt(stop_at)] if stop_at else [])
@@ -213,21 +215,23 @@ def test_a_fit_moves_the_policy_only_and_prints_the_before_after_table(stages, t
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(p, base[key]), name
     printed = capsys.readouterr().out
-    assert "reference log-probs of 16 pairs precomputed" in printed
-    assert "before DPO |" in printed and "KL to the reference, mean" in printed and "exact match" in printed
+    assert "reference log-probs of 48 pairs precomputed" in printed
+    assert "SFT policy | sigmoid policy" in printed and "KL to the reference, mean" in printed
+    assert "gold win-rate" in printed and "exact match" in printed  # the questions carry their answers
     assert module.evaluations["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at step 0
+    assert {"exact_match", "gold_win_rate", "kl_max"} <= set(module.evaluations["after"])
 
 
 def test_resume_with_the_cache_equals_uninterrupted(stages, tmp_path, capsys) -> None:
     full, _ = _fit(tmp_path / "a", stages, max_steps=6)
     _fit(tmp_path / "b", stages, max_steps=6, stop_at=4)
     ckpt = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 4 and ckpt["dpo"]["ref_cache"].shape == (16, 2)
+    assert ckpt["global_step"] == 4 and ckpt["dpo"]["ref_cache"].shape == (48, 2)
     capsys.readouterr()
     resumed, trainer = _fit(tmp_path / "b", stages, max_steps=6, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 6
     printed = capsys.readouterr().out
-    assert "reference log-probs of 16 pairs from the checkpoint" in printed and "precomputed" not in printed
+    assert "reference log-probs of 48 pairs from the checkpoint" in printed and "precomputed" not in printed
     torch.testing.assert_close(resumed.ref_cache, full.ref_cache, atol=0, rtol=0)
     assert resumed.evaluations["before"] == full.evaluations["before"]
     got = dict(resumed.named_parameters())
@@ -247,5 +251,5 @@ def test_dpo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, cap
         "--data.init_args.micro_batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
         "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
     out = capsys.readouterr().out
-    assert "dpo: policy from the adapter at" in out and "after DPO" in out
+    assert "dpo: policy from the adapter at" in out and "| sigmoid policy" in out and "gold win-rate" in out
     assert (tmp_path / "artifacts" / "dpo" / "adapter" / "adapter_model.safetensors").exists()

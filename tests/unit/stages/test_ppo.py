@@ -4,6 +4,7 @@ changes, exact resume, and the recipe on local stand-ins."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -275,3 +276,108 @@ def test_7b_ppo_recipe_code_path_runs_on_local_stand_ins(stages, tmp_path, monke
     assert "held-out after PPO (2 prompts, greedy): mean reward-model score" in out, out[-2000:]
     assert list((tmp_path / "runs" / "mistral7b_qlora_ppo" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "artifacts" / "mistral7b_qlora_ppo" / "policy" / "adapter_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------ gold reward, evaluation
+class _SpyGold:
+    """A gold reward that varies per response (so that it would change the updates if it entered the reward) and
+    records what it was asked to judge."""
+
+    name = "gold"
+    top_score = 30.0
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        self.calls.append(list(responses))
+        return torch.tensor([10.0 * len(r) for r in responses])
+
+
+def _one_batch(stages, **overrides) -> tuple[PPO, L.Trainer]:
+    L.seed_everything(0)
+    module = _module(stages, **overrides)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(module, datamodule=_data())
+    return module, trainer
+
+
+def test_gold_reward_is_logged_and_never_enters_the_reward(stages) -> None:
+    plain, plain_trainer = _one_batch(stages)
+    gold = _SpyGold()
+    judged, trainer = _one_batch(stages, gold_reward=gold)
+    # before evaluation, the rollout, after evaluation: the rollout's responses were judged and logged
+    assert len(gold.calls) == 3 and len(gold.calls[1]) == 8
+    logged = trainer.callback_metrics
+    assert float(logged["gold/score"]) == pytest.approx(sum(10.0 * len(t) for t in gold.calls[1]) / 8)
+    assert "gold/win_rate" in logged and "gold/score" not in plain_trainer.callback_metrics
+    # the trained reward is the same with and without the gold reward: same score, same updates
+    assert float(logged["train/score"]) == float(plain_trainer.callback_metrics["train/score"])
+    want = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+    got = dict(judged.named_parameters())
+    for name, p in want.items():
+        assert torch.equal(got[name], p), name
+    assert "gold_win_rate" in judged.evaluations["after"] and "gold_win_rate" not in plain.evaluations["after"]
+
+
+def test_evaluation_reports_gold_exact_match_reward_model_and_kl(stages, capsys) -> None:
+    from lit_ft.rl.rewards import GoldReward
+
+    module, _ = _one_batch(stages, gold_reward=GoldReward(), reference="adapter")
+    before, after = module.evaluations["before"], module.evaluations["after"]
+    for figures in (before, after):
+        for key in ("gold_win_rate", "exact_match", "reward_model_score", "kl_mean", "kl_max", "gold_score"):
+            assert key in figures, key
+        assert figures["gold_win_rate"] <= figures["exact_match"]
+        assert any(key.startswith("exact_match/") for key in figures)
+    assert before["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before training
+    assert after["kl_max"] >= after["kl_mean"] > 0
+    out = capsys.readouterr().out
+    assert "held-out after PPO (4 prompts, greedy): gold win-rate" in out
+    assert "SFT policy" in out and "PPO policy" in out
+    assert "KL to the reference, max (nats)" in out
+
+
+def test_heldout_summary_and_table_by_hand() -> None:
+    from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table, sequence_kl
+
+    result = HeldoutResult(texts=["a", "b", "c", "d"], tasks=["add", "add", "sort", "sort"],
+                           right=[True, True, True, False], gold=[2.0, 1.0, 2.0, 0.0], gold_top=2.0,
+                           reward_model=[1.0, 0.0, 0.5, -0.5], kl=[0.1, 0.3, 0.2, 0.0])
+    s = result.summary()
+    assert s["exact_match"] == 0.75 and s["gold_win_rate"] == 0.5 and s["preferred_share"] == pytest.approx(2 / 3)
+    assert s["reward_model_score"] == 0.25 and s["gold_score"] == 1.25
+    assert s["kl_mean"] == pytest.approx(0.15) and s["kl_max"] == 0.3
+    assert s["gold_win_rate/add"] == 0.5 and s["exact_match/sort"] == 0.5 and s["reward_model_score/sort"] == 0.0
+    assert result.counts() == "add 2/2, sort 1/2"
+    table = before_after_table({**s, "kl_mean": 0.0}, s, 4)
+    assert "gold win-rate" in table.splitlines()[2] and "50.0%" in table
+    assert any(line.strip().startswith("sort: exact match") for line in table.splitlines())
+    # KL of [0.5, 0.5] to [0.25, 0.75] is 0.5 ln 2 + 0.5 ln(2/3); the masked second position does not count
+    p = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
+    q = torch.log(torch.tensor([[[0.25, 0.75], [0.1, 0.9]]]))
+    kl = sequence_kl(p, q, torch.tensor([[1, 0]]))
+    assert float(kl) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+
+
+def test_no_heldout_prompt_in_reward_model_or_ppo_training_data(tokenizer) -> None:
+    """The reward model's pairs and PPO's prompts (as configs/rm.yaml and configs/ppo.yaml make them) never ask a
+    held-out question; the held-out evaluation asks exactly the held-out questions."""
+    from lit_ft.data.embedded import PairSettings, PromptSettings
+    from lit_ft.data.formats import format_alpaca_prompt
+    from lit_ft.data.synthetic import split_facts
+
+    _, heldout = split_facts(1234, 2000, 200)
+    held = {f.question for f in heldout}
+    pairs = EmbeddedWorld(pairs=PairSettings(extra_facts=4000)).splits("preference")
+    assert not held & {r["instruction"] for r in pairs.train}
+    assert {r["instruction"] for r in pairs.val} == held
+    for settings in (PromptSettings(), PromptSettings(tasks=["add", "sort"], balance_tasks=True),
+                     PromptSettings(tasks=["add", "successor", "count", "max", "sort"], balance_tasks=True)):
+        dm = PromptDataModule(EmbeddedWorld(prompts=settings))
+        dm.connect(tokenizer)
+        dm.setup("fit")
+        held_prompts = {format_alpaca_prompt(q) for q in held}
+        assert {item.prompt.text for item in dm.heldout()} == held_prompts
+        assert not {p.text for p in dm.train_prompts} & held_prompts

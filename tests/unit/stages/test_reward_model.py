@@ -183,7 +183,8 @@ def test_fit_trains_adapter_and_head_only_and_exports(tmp_path, tiny_base, capsy
             base_checked += 1
     assert changed == sum("lora_" in n or n.startswith("score_head.") for n in init) and base_checked > 10
     # Validation ran at the last step: its reward statistics are the buffers, the checkpoint and the export.
-    assert module.heldout["pairs"] == 8 and module.reward_std.item() > 0 and module.reward_mean.item() != 0
+    assert module.heldout["pairs"] == 24  # 8 facts x 3 gold pair kinds
+    assert module.reward_std.item() > 0 and module.reward_mean.item() != 0
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert {"score_head.weight", "score_head.bias", "reward_mean", "reward_std"} <= keys
@@ -199,7 +200,7 @@ def test_fit_trains_adapter_and_head_only_and_exports(tmp_path, tiny_base, capsy
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     torch.testing.assert_close(load_file(out / "score_head.safetensors")["weight"], module.score_head.weight.detach())
     printed = capsys.readouterr().out
-    assert "held-out pairwise accuracy: " in printed and "(8 pairs)" in printed
+    assert "held-out pairwise accuracy: " in printed and "(24 pairs)" in printed
 
 
 def test_export_loads_back_onto_a_shared_base_with_identical_scores(tmp_path, tiny_base, tokenizer) -> None:

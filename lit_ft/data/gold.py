@@ -1,0 +1,264 @@
+"""The embedded world's hidden gold judge, the answer styles it judges, and the records built from it.
+
+RLHF should move a model that can already answer toward the answers people *prefer* (Gao et al. 2022, "Scaling
+Laws for Reward Model Overoptimization": a hidden gold preference that the proxy reward model only sees through
+comparisons). In the embedded world the preference is a style:
+
+* ``sentence`` (preferred): a full sentence that gives the answer, restates the question and ends with a period
+  ("7 is the sum of 3 and 4.", "1 2 3 is 3 1 2 sorted.");
+* ``bare``: the answer alone ("7");
+* ``label``: the answer after a label ("Answer: 7").
+
+The sentence starts with the answer, as the bare answer does: the model answers in the same context whichever of
+the two it writes, and the style is chosen after the answer (stop, or go on to restate the question). So the
+skill SFT teaches is shared by the two, and moving to the preferred style need not change the answer. (A first
+design put the answer at the end of the sentence, "3 plus 4 is 7."; with a third of the demonstrations per
+style, SFT learned each family's answer separately per style and held-out exact match fell to 51%.)
+
+The gold judge (:func:`gold_rank`) ranks a response to a prompt: 2 for a correct answer in the preferred style, 1
+for a correct answer in another style, 0 for a wrong answer. It solves the question itself (it parses the
+instruction), so it needs no reference. Correctness is read from every style by :func:`extract_answer`, which
+exact match (:func:`lit_ft.metrics.exact_match`) uses too: exact match is exactly "gold rank >= 1".
+
+SFT demonstrations mix the styles (:func:`styled_instruction_records`), the preferred one a minority, so the SFT
+policy can sample it but rarely answers in it greedily. Reward-model pairs are labelled by the judge
+(:func:`gold_pair_records`). Everything is a pure function of its arguments and a seed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from lit_ft.data.synthetic import Fact
+
+Style = Literal["sentence", "bare", "label"]
+STYLES: tuple[Style, ...] = ("sentence", "bare", "label")
+PREFERRED_STYLE: Style = "sentence"
+# 25% preferred: a minority the SFT policy samples (about 1 in 5 at temperature 0.7) but that loses the greedy
+# choice after the answer to stopping (the bare answer, 60%); "label" (15%) is a second non-preferred style, kept
+# small because its answers follow another context ("Answer:") that SFT must learn separately.
+DEFAULT_STYLE_WEIGHTS: dict[str, float] = {"bare": 0.60, "label": 0.15, "sentence": 0.25}
+PairKind = Literal["style", "correctness", "cross"]
+# style: preferred-correct over other-correct (rank 2 > 1); correctness: correct over wrong in one style
+# (>= 1 > 0); cross: other-correct over preferred-wrong (1 > 0), so that the style never outweighs correctness.
+PAIR_KINDS: tuple[PairKind, ...] = ("style", "correctness", "cross")
+
+_NUMBER, _DIGITS, _LETTERS = r"\d+", r"\d(?: \d)*", r"[a-z](?: [a-z])*"
+_LABEL = re.compile(r"Answer:\s*(?P<answer>.+?)\.?")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One task family: how its instruction reads, its preferred sentence, and how to solve it.
+
+    ``question`` and ``sentence`` hold ``{field}`` slots (``sentence`` also ``{answer}``); ``fields`` gives each
+    slot's pattern; ``solve`` computes the answer from the fields' text.
+    """
+
+    task: str
+    question: str
+    sentence: str
+    fields: Mapping[str, str]
+    solve: Callable[[dict[str, str]], str]
+
+    def _pattern(self, template: str, answer: bool) -> str:
+        out, pos = [], 0
+        for slot in re.finditer(r"\{(\w+)\}", template):
+            out.append(re.escape(template[pos:slot.start()]))
+            name = slot.group(1)
+            out.append(r"(?P<answer>.+?)" if name == "answer" and answer else f"(?P<{name}>{self.fields[name]})")
+            pos = slot.end()
+        out.append(re.escape(template[pos:]))
+        return "".join(out)
+
+    @property
+    def question_regex(self) -> re.Pattern[str]:
+        return re.compile(self._pattern(self.question, answer=False) + "$", re.MULTILINE)
+
+    @property
+    def sentence_regex(self) -> re.Pattern[str]:
+        """Any sentence of this family's shape (the final period optional); ``answer`` is the claimed answer."""
+        pattern = self._pattern(self.sentence, answer=True)
+        return re.compile(pattern[:-2] + r"\.?" if pattern.endswith(r"\.") else pattern)
+
+
+def _spaced(items) -> str:
+    return " ".join(str(x) for x in items)
+
+
+FAMILIES: dict[str, Family] = {f.task: f for f in (
+    Family("add", "What is {a} + {b}?", "{answer} is the sum of {a} and {b}.", {"a": _NUMBER, "b": _NUMBER},
+           lambda v: str(int(v["a"]) + int(v["b"]))),
+    Family("successor", "What number comes after {n}?", "{answer} comes after {n}.", {"n": _NUMBER},
+           lambda v: str(int(v["n"]) + 1)),
+    Family("reverse", "Reverse the letters: {src}", "{answer} is {src} backwards.", {"src": _LETTERS},
+           lambda v: _spaced(reversed(v["src"].split()))),
+    Family("sort", "Sort the digits: {src}", "{answer} is {src} sorted.", {"src": _DIGITS},
+           lambda v: _spaced(sorted(v["src"].split()))),
+    Family("max", "What is the largest of {src}?", "{answer} is the largest of {src}.", {"src": _DIGITS},
+           lambda v: str(max(int(x) for x in v["src"].split()))),
+    Family("count", "How many letters are in: {src}", "{answer} letters are in {src}.", {"src": _LETTERS},
+           lambda v: str(len(v["src"].split()))),
+)}
+_QUESTIONS = [(f, f.question_regex) for f in FAMILIES.values()]
+_SENTENCES = [f.sentence_regex for f in FAMILIES.values()]
+
+
+@dataclass(frozen=True)
+class Question:
+    """A parsed embedded question: its family, the values in its slots, and the right answer."""
+
+    task: str
+    values: tuple[tuple[str, str], ...]
+    answer: str
+
+    def render(self, style: str, answer: str | None = None) -> str:
+        """``answer`` (default: the right one) in ``style``."""
+        answer = self.answer if answer is None else answer
+        if style == "sentence":
+            return FAMILIES[self.task].sentence.format(**dict(self.values), answer=answer)
+        if style == "bare":
+            return answer
+        if style == "label":
+            return f"Answer: {answer}"
+        raise ValueError(f"unknown answer style {style!r} (expected one of {', '.join(STYLES)})")
+
+    @property
+    def preferred(self) -> str:
+        return self.render(PREFERRED_STYLE)
+
+
+def parse_question(text: str) -> Question | None:
+    """The embedded question in ``text`` (an instruction, or a whole rendered prompt), None when there is none."""
+    for family, regex in _QUESTIONS:
+        found = regex.search(text)
+        if found:
+            values = found.groupdict()
+            return Question(family.task, tuple(values.items()), family.solve(values))
+    return None
+
+
+def _first_line(text: str) -> str:
+    """The answer line: the first line, whitespace collapsed (what exact match has always compared)."""
+    return " ".join(text.strip().split("\n", 1)[0].split())
+
+
+def extract_answer(response: str) -> str:
+    """The answer a response gives, in any style: the slot of a sentence, the text after ``Answer:``, or the
+    whole first line; a final period is dropped."""
+    line = _first_line(response)
+    for regex in (_LABEL, *_SENTENCES):
+        found = regex.fullmatch(line)
+        if found:
+            return found.group("answer").strip()
+    return line[:-1].strip() if line.endswith(".") else line
+
+
+def response_style(response: str) -> Style:
+    """The style a response is written in (a sentence of any family's shape counts as ``sentence``)."""
+    line = _first_line(response)
+    if _LABEL.fullmatch(line):
+        return "label"
+    if any(regex.fullmatch(line) for regex in _SENTENCES):
+        return "sentence"
+    return "bare"
+
+
+def gold_rank(prompt: str, response: str) -> int:
+    """The hidden gold judge: 2 = correct and in the preferred style (the question's own sentence, with its
+    period), 1 = correct in another style, 0 = wrong (or no embedded question in ``prompt``)."""
+    question = parse_question(prompt)
+    if question is None or extract_answer(response) != question.answer:
+        return 0
+    return 2 if _first_line(response) == question.preferred else 1
+
+
+# ---------------------------------------------------------------------------------------------- records
+def _question(fact: Fact) -> Question:
+    question = parse_question(fact.question)
+    if question is None or question.answer != fact.answer:
+        raise ValueError(f"the gold judge cannot solve the embedded question {fact.question!r}")
+    return question
+
+
+def _weighted_style(rng: random.Random, weights: Mapping[str, float]) -> str:
+    names = sorted(weights)
+    return rng.choices(names, weights=[weights[n] for n in names])[0]
+
+
+def check_style_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``weights`` as a dict, after checking the style names and that they are non-negative with a positive sum."""
+    unknown = sorted(set(weights) - set(STYLES))
+    if unknown:
+        raise ValueError(f"unknown answer style(s) {', '.join(unknown)} (expected some of {', '.join(STYLES)})")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"answer style weights must be >= 0 with a positive sum, got {dict(weights)}")
+    return dict(weights)
+
+
+def styled_instruction_records(facts: Sequence[Fact], seed: int,
+                               weights: Mapping[str, float] | None = None) -> list[dict]:
+    """Alpaca records whose ``output`` answers in a style drawn per fact with ``weights`` (default
+    :data:`DEFAULT_STYLE_WEIGHTS`); ``task`` and ``style`` name the family and the style."""
+    weights = check_style_weights(DEFAULT_STYLE_WEIGHTS if weights is None else weights)
+    rng = random.Random(seed)
+    records = []
+    for fact in facts:
+        style = _weighted_style(rng, weights)
+        records.append({"instruction": fact.question, "input": "", "output": _question(fact).render(style),
+                        "task": fact.task, "style": style})
+    return records
+
+
+def near_miss(fact: Fact, rng: random.Random) -> str:
+    """A plausible wrong answer: off by one for numbers; for sequences, two unequal neighbours swapped (the nearest
+    miss), or one item changed by one step when all items are equal.
+    """
+    if fact.task in ("reverse", "sort"):
+        items = fact.answer.split(" ")
+        adjacent = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
+        if adjacent:
+            i = rng.choice(adjacent)
+            items[i], items[i + 1] = items[i + 1], items[i]
+        else:  # every item equal: change one by one step
+            i = rng.randrange(len(items))
+            items[i] = chr((ord(items[i]) - 97 + 1) % 26 + 97) if items[i].isalpha() else str((int(items[i]) + 1) % 10)
+        return " ".join(items)
+    n = int(fact.answer)
+    return str(rng.choice([m for m in (n - 1, n + 1) if m >= 0]))
+
+
+def _pair(kind: str, question: Question, wrong: str, rng: random.Random) -> tuple[str, str]:
+    """Two responses of different gold rank for one kind of comparison (unordered: the judge orders them)."""
+    others = [s for s in STYLES if s != PREFERRED_STYLE]
+    if kind == "style":
+        return question.render(PREFERRED_STYLE), question.render(rng.choice(others))
+    if kind == "correctness":
+        style = rng.choice(STYLES)
+        return question.render(style), question.render(style, wrong)
+    if kind == "cross":
+        return question.render(rng.choice(others)), question.render(PREFERRED_STYLE, wrong)
+    raise ValueError(f"unknown pair kind {kind!r} (expected one of {', '.join(PAIR_KINDS)})")
+
+
+def gold_pair_records(facts: Sequence[Fact], seed: int, kinds: Sequence[str] = PAIR_KINDS) -> list[dict]:
+    """Preference pairs labelled by the gold judge: for each fact, one pair of each of ``kinds`` (Alpaca fields
+    ``instruction``, ``input``, ``chosen``, ``rejected``, plus ``task`` and ``kind``); ``chosen`` is the response the
+    judge ranks higher."""
+    rng = random.Random(seed)
+    records = []
+    for fact in facts:
+        question = _question(fact)
+        for kind in kinds:
+            first, second = _pair(kind, question, near_miss(fact, rng), rng)
+            ranks = gold_rank(fact.question, first), gold_rank(fact.question, second)
+            if ranks[0] == ranks[1]:
+                raise AssertionError(f"a {kind} pair the gold judge ties: {first!r} / {second!r}")
+            chosen, rejected = (first, second) if ranks[0] > ranks[1] else (second, first)
+            records.append({"instruction": fact.question, "input": "", "chosen": chosen, "rejected": rejected,
+                            "task": fact.task, "kind": kind})
+    return records
