@@ -37,6 +37,7 @@ from typing import Literal
 from lit_ft.data.gold import (
     DEFAULT_STYLE_WEIGHTS,
     PAIR_KINDS,
+    GoldJudge,
     PairKind,
     check_style_weights,
     gold_pair_records,
@@ -207,6 +208,11 @@ class EmbeddedWorld:
             check_style_weights(DEFAULT_STYLE_WEIGHTS if self.answer_styles is None else self.answer_styles)
         except ValueError as err:
             raise DataError(f"answer_styles: {err}") from None
+
+    @property
+    def gold_judge(self) -> GoldJudge:
+        """The hidden gold judge of the world's answers (read by the held-out evaluation, never by training)."""
+        return GoldJudge()
 
     def facts(self) -> tuple[list[Fact], list[Fact]]:
         """(SFT-train facts, held-out facts): disjoint, no question in both."""

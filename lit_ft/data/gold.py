@@ -168,6 +168,16 @@ def response_style(response: str) -> Style:
     return "bare"
 
 
+@dataclass(frozen=True)
+class GoldJudge:
+    """The gold judge as the held-out evaluation asks for it (``data.source.gold_judge``): ``rank`` and its top."""
+
+    top: int = 2  # correct and in the preferred style: the share of answers ranked top is the gold win-rate
+
+    def rank(self, prompt: str, response: str) -> int:
+        return gold_rank(prompt, response)
+
+
 def gold_rank(prompt: str, response: str) -> int:
     """The hidden gold judge: 2 = correct and in the preferred style (the question's own sentence, with its
     period), 1 = correct in another style, 0 = wrong (or no embedded question in ``prompt``)."""

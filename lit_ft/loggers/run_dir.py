@@ -60,10 +60,12 @@ def write_json(trainer: Any, name: str, data: dict[str, Any]) -> Path | None:
 
 def evaluation_record(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``evaluation.json`` from before/after results ``{tag: {"rows": [(prompt, generation)], "exact_match",
-    "per_task", "scored"}}``, where a prompt has ``.text`` and ``.reference``:
+    "per_task", "scored", "figures"}}``, where a prompt has ``.text`` and ``.reference``:
 
         {"tags": ["before", "after"],
-         "scores": {tag: {"exact_match": float, "scored": int, "per_task": {task: float}}},
+         "scores": {tag: {"exact_match": float, "scored": int, "per_task": {task: float},
+                          "figures": {"gold_win_rate": float, "reward_model_score": float, "kl_mean": float, ...,
+                                      "exact_match/<task>": float, ...}}},
          "rows": [{"prompt": str, "reference": str, "before": str, "after": str}]}
 
     Rows are aligned across tags by position (the same held-out prompts each time); scores only where the answers
@@ -77,6 +79,7 @@ def evaluation_record(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 rows.append({"prompt": getattr(prompt, "text", str(prompt)),
                              "reference": getattr(prompt, "reference", None) or ""})
             rows[i][tag] = text
-    scores = {tag: {key: results[tag][key] for key in ("exact_match", "scored", "per_task") if key in results[tag]}
+    scores = {tag: {key: results[tag][key] for key in ("exact_match", "scored", "per_task", "figures")
+                    if results[tag].get(key) not in (None, {})}
               for tag in tags}
     return {"tags": tags, "scores": {tag: s for tag, s in scores.items() if s}, "rows": rows}

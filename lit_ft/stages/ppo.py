@@ -19,6 +19,7 @@ the forward passes in :mod:`lit_ft.rl.rollout`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -51,11 +52,10 @@ from lit_ft.backbone.roles import (
     train_only,
     warn_unmerged_reference,
 )
+from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.formats import Prompt
-from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.errors import ConfigError
-from lit_ft.metrics import exact_match
-from lit_ft.padding import pad_rows, position_ids_from_mask
+from lit_ft.padding import position_ids_from_mask
 from lit_ft.rl.advantages import explained_variance, gae, masked_mean, masked_whiten
 from lit_ft.rl.kl import AdaptiveKLController, FixedKLController
 from lit_ft.rl.losses import (
@@ -68,8 +68,7 @@ from lit_ft.rl.losses import (
 )
 from lit_ft.rl.rewards import ProgrammaticReward
 from lit_ft.rl.rollout import Rollout, response_hidden, response_logits, sample
-from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table, sequence_kl
-from lit_ft.stages.reward_model import init_score_head, load_reward_model, sequence_rewards
+from lit_ft.stages.reward_model import RewardScorer, init_score_head, load_reward_model
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
@@ -219,12 +218,10 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.model: nn.Module | None = None
         self.value_head: nn.Linear | None = None
         self.reward_head: nn.Linear | None = None
+        self.reward_scorer: RewardScorer | None = None  # the reward model's own scorer (lit_ft.stages.reward_model)
         self.reward_stats: dict[str, Any] = {"mean": 0.0, "std": 1.0}
         self.generator = torch.Generator().manual_seed(
             torch.initial_seed() if sampling_seed is None else sampling_seed)
-        self.evaluations: dict[str, dict[str, float]] = {}
-        self._eval_texts: dict[str, list[str]] = {}
-        self._eval_count = 0  # held-out prompts of the last evaluation (the table header)
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -242,6 +239,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         hidden_size = model.get_input_embeddings().embedding_dim
         if self.reward_model_dir is not None:
             scorer = load_reward_model(model, self.reward_model_dir, REWARD)
+            object.__setattr__(self, "reward_scorer", scorer)  # not a submodule: its model is self.model
             self.reward_head, self.reward_stats = scorer.head, dict(scorer.stats)
             say(f"ppo: reward model from {self.reward_model_dir} (normalised with mean "
                 f"{self.reward_stats.get('mean', 0.0):.3f}, std {self.reward_stats.get('std', 1.0):.3f})")
@@ -282,10 +280,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         """Normalised reward-model scores of prompt + response, read at the last response token."""
         ids = torch.cat([query, response], dim=1)
         mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-        with active_adapter(self.model, REWARD):
-            raw = sequence_rewards(self.model, self.reward_head, ids, mask, position_ids_from_mask(mask))
-        mean, std = reward_mean_std(self.reward_stats)
-        return (raw - mean) / std
+        return self.reward_scorer(ids, mask, position_ids_from_mask(mask), normalize=True)
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], texts: list[str], query, query_mask, response, response_mask
@@ -433,92 +428,28 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
                                 data=rows[: self.num_logged_samples], step=self.global_step)
 
     # ------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def _kl_to_reference(self, query, query_mask, response, response_mask) -> torch.Tensor:
-        """Exact KL (nats) of the policy to the reference along each response, at the sampling temperature."""
-        args = (query, query_mask, response, response_mask)
-        return sequence_kl(self._policy_logits(*args), self._policy_logits(*args, adapter=self._reference_adapter()),
-                           response_mask)
+    def evaluation_roles(self) -> EvaluationRoles:
+        """The held-out evaluation's roles (:mod:`lit_ft.callbacks.evaluation`): the policy adapter, the reference
+        (the frozen SFT adapter or the bare base) for the KL at the sampling temperature, and the reward model's
+        own scorer, normalised with its stored statistics."""
+        reference = self._reference_adapter()
+        scorer = None
+        if self.reward_scorer is not None:
+            scorer = functools.partial(self.reward_scorer, normalize=True)
+        return EvaluationRoles(
+            self.model, self.tokenizer, policy=lambda: active_adapter(self.model, POLICY),
+            reference=lambda: active_adapter(self.model, reference), scorer=scorer, temperature=self.temperature,
+            names=("SFT policy", "PPO policy"), max_new_tokens=self.max_new_tokens)
 
-    @torch.no_grad()
-    def evaluate(self, prompts: list[Prompt], checkable: bool, tasks: list[str | None] | None = None
-                 ) -> HeldoutResult:
-        """Greedy responses to held-out prompts: exact match (where checkable), the gold score (with a gold reward),
-        the reward-model score and the KL to the reference, per prompt."""
-        was_training = self.model.training
-        self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        result = HeldoutResult(texts=[], tasks=list(tasks or [None] * len(prompts)))
-        device = self.device
-        for start in range(0, len(prompts), self.eval_batch_size):
-            query, query_mask = pad_rows([p.input_ids for p in prompts[start:start + self.eval_batch_size]], pad,
-                                         "left")
-            query, query_mask = query.to(device), query_mask.to(device)
-            with active_adapter(self.model, POLICY):
-                samples = sample(self.model, query, query_mask, self.max_new_tokens, self.tokenizer.eos_token_id,
-                                 pad, greedy=True)
-            result.texts += self._decode(samples.tokens, samples.mask)
-            if self.reward_head is not None:
-                result.reward_model += self.reward_model_scores(query, query_mask, samples.tokens,
-                                                                samples.mask).tolist()
-            result.kl += self._kl_to_reference(query, query_mask, samples.tokens, samples.mask).tolist()
-        self.model.train(was_training)
-        if checkable:
-            result.right = [exact_match(t, p.reference) for t, p in zip(result.texts, prompts)]
-        if self.gold_reward is not None:
-            result.gold = self.gold_reward(prompts, result.texts).tolist()
-            result.gold_top = getattr(self.gold_reward, "top_score", None)
-        return result
-
-    def _heldout(self) -> tuple[list[HeldOutItem], bool]:
-        """The data module's held-out items (:class:`lit_ft.data.heldout.HeldOut`) and whether they are checkable."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not isinstance(datamodule, HeldOut):
-            return [], False
-        return datamodule.heldout(), bool(datamodule.checkable)
-
-    def _evaluate_and_report(self, tag: str) -> None:
-        items, checkable = self._heldout()
-        if self.num_eval is not None:
-            items = items[: self.num_eval]
-        if not items:
-            return
-        prompts = [item.prompt for item in items]
-        result = self.evaluate(prompts, checkable, [item.task for item in items])
-        self.evaluations[tag] = result.summary()
-        self._eval_texts[tag] = result.texts
-        self._eval_count = len(prompts)
-        if not self.trainer.is_global_zero:
-            return
-        figures, parts = self.evaluations[tag], []
-        if "gold_win_rate" in figures:
-            parts.append(f"gold win-rate {figures['gold_win_rate']:.1%}")
-        if "exact_match" in figures:
-            detail = result.counts()
-            parts.append(f"exact match {figures['exact_match']:.1%}" + (f" ({detail})" if detail else ""))
-        if "reward_model_score" in figures:
-            parts.append(f"mean reward-model score {figures['reward_model_score']:+.3f}")
-        print(f"held-out {tag} PPO ({len(prompts)} prompts, greedy): {', '.join(parts)}")
-        for logger in self.trainer.loggers:
-            logger.log_metrics({f"eval/{k}_{tag}": v for k, v in figures.items()}, step=self.global_step)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The held-out evaluation with PPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
+        :class:`GenerationTable` of the trainer's."""
+        scored = self.num_eval if self.num_eval is not None else 10**9  # None: every held-out prompt
+        return [GenerationTable(num_shown=min(6, scored), num_scored=scored, batch_size=self.eval_batch_size,
+                                max_new_tokens=self.max_new_tokens)]
 
     def on_train_start(self) -> None:
         self._check_checkpoint_interval()
-        self._evaluate_and_report("before")
-
-    def _print_before_after(self, rows: int = 6, width: int = 28) -> None:
-        """A few held-out prompts with the policy's greedy answer before PPO and after."""
-        before, after = self._eval_texts.get("before"), self._eval_texts.get("after")
-        prompts = [item.prompt for item in self._heldout()[0]]
-        if not before or not after or not prompts:
-            return
-        def cell(text: str) -> str:
-            text = " ".join(text.split())
-            return text if len(text) <= width else text[: width - 3] + "..."
-        print(f"{'prompt (end)':<{width + 12}} | {'reference':<10} | {'before PPO':<{width}} | after PPO")
-        for prompt, b, a in list(zip(prompts, before, after))[:rows]:
-            question = " ".join(prompt.text.replace("### Response:", "").split())[-(width + 12):]
-            print(f"{question:<{width + 12}} | {cell(prompt.reference or '-'):<10} | {cell(b):<{width}} | {cell(a)}")
 
     def _check_checkpoint_interval(self) -> None:
         """Checkpoints must fall on rollout boundaries: every_n_train_steps a multiple of updates per batch."""
@@ -533,14 +464,8 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
                                     "minibatches), so that checkpoints fall between batches")
 
     def on_train_end(self) -> None:
-        self._evaluate_and_report("after")
-        if self.trainer.is_global_zero:
-            before, after = self.evaluations.get("before", {}), self.evaluations.get("after", {})
-            self._print_before_after()
-            if before and after:
-                print(before_after_table(before, after, self._eval_count))
-            if self.export_dir:
-                print(f"lit_ft: saved the PPO policy and value to {self.export(self.export_dir)}")
+        if self.trainer.is_global_zero and self.export_dir:
+            print(f"lit_ft: saved the PPO policy and value to {self.export(self.export_dir)}")
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:

@@ -241,6 +241,10 @@ class RewardModel(CheckpointContract, BackboneModule, L.LightningModule):
         return self._epoch_metrics(metrics, reduce=False)
 
     # ------------------------------------------------------------- optimiser
+    def evaluation_roles(self) -> None:
+        """Nothing to generate: the held-out evaluation of a reward model is its pairwise accuracy (validation)."""
+        return
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,

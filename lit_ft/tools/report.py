@@ -183,6 +183,8 @@ def _scores(series: dict[str, Series], evaluation: dict | None) -> dict[str, dic
             scores.setdefault("exact_match", {})[tag] = result["exact_match"]
         for task, value in (result.get("per_task") or {}).items():
             scores.setdefault(f"exact_match/{task}", {})[tag] = value
+        for metric, value in (result.get("figures") or {}).items():  # gold win-rate, reward model, KL, per family
+            scores.setdefault(metric, {}).setdefault(tag, value)
     for metric, pair in before_after_scores(series).items():
         for tag, value in pair.items():
             scores.setdefault(metric, {}).setdefault(tag, value)
@@ -197,7 +199,7 @@ def _before_after(series: dict[str, Series], evaluation: dict | None) -> str:
                      "<th>change</th></tr>")
         for metric, pair in sorted(scores.items(), key=lambda kv: (kv[0] != "exact_match", kv[0])):
             before, after = pair.get("before"), pair.get("after")
-            percent = metric.startswith(("exact_match", "accuracy"))
+            percent = metric.startswith(("exact_match", "accuracy", "gold_win_rate", "preferred_share"))
             change = "" if before is None or after is None else _signed(after - before, percent)
             parts.append(f"<tr><td>{html.escape(metric.replace('_', ' '))}</td><td>{_fmt(before, percent)}</td>"
                          f"<td>{_fmt(after, percent)}</td><td class=change>{change}</td></tr>")

@@ -40,6 +40,7 @@ def test_pretrain_sft_rm_ppo_pipeline(tmp_path, monkeypatch, capsys) -> None:
     assert stats["heldout_pairs"] == 600  # one gold-labelled pair of each of the 3 kinds per held-out fact
 
     assert "ppo: policy from the adapter at artifacts/sft/adapter" in out
-    assert "held-out before PPO (60 prompts, greedy)" in out and "held-out after PPO (60 prompts, greedy)" in out
+    assert "held-out before training, SFT policy (60 prompts, greedy): gold win-rate" in out
+    assert "held-out after training, PPO policy (60 prompts, greedy): gold win-rate" in out
     assert (tmp_path / "artifacts" / "ppo" / "policy" / "adapter_model.safetensors").exists()
     assert (tmp_path / "runs" / "ppo" / "checkpoints" / "last.ckpt").exists()

@@ -71,7 +71,8 @@ class _HeldOutOnly:
 
 
 def test_the_generation_table_reads_the_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(evaluation, "greedy_generate", lambda model, tok, prompts, n, b: ["7", "8", "4"][:len(prompts)])
+    monkeypatch.setattr(evaluation, "generate_and_measure",
+                        lambda roles, prompts, n, b: (["7", "8", "4"][:len(prompts)], [], []))
     module = SimpleNamespace(model=None, tokenizer=None)
     table = GenerationTable(num_shown=2, num_scored=3)
     result = table.evaluate(SimpleNamespace(datamodule=_HeldOutOnly()), module, "after")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
+from lit_ft.callbacks.evaluation import GenerationTable
 from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.preference import DPODataModule, PackedPairCollator, PaddedPairCollator, pair_values
 from lit_ft.errors import ConfigError
-from lit_ft.rl.rewards import GoldReward
 from lit_ft.stages.dpo import DPO
 from tests.tiny_models import ROOT, TINY, StopAt, config_command
 
@@ -65,6 +65,22 @@ def _connected(module: DPO, packing: bool = True) -> DPODataModule:
 
 def _batch(dm: DPODataModule, rows: list[int]) -> dict[str, torch.Tensor]:
     return dm.collator()([dm.train_dataset[i] for i in rows])
+
+
+def test_dpo_held_out_prompts_carry_their_questions_answers(tokenizer) -> None:
+    from lit_ft.data.gold import gold_rank
+    from lit_ft.data.preference import PreferenceDataModule
+
+    dm = DPODataModule(EmbeddedWorld(num_train=16, num_heldout=4), max_seq_length=128)
+    dm.connect(tokenizer)
+    items = dm.heldout()
+    assert dm.checkable and len(items) == 4
+    for item in items:  # the reference is the answer the gold judge ranks correct
+        assert item.reference and item.prompt.reference == item.reference
+        assert gold_rank(item.prompt.text, item.reference) == 1
+    rm = PreferenceDataModule(EmbeddedWorld(num_train=16, num_heldout=4), max_seq_length=128)
+    rm.connect(tokenizer)
+    assert not rm.checkable and [i.prompt.input_ids for i in rm.heldout()] == [i.prompt.input_ids for i in items]
 
 
 # ------------------------------------------------------------------------------------------- roles, forwards
@@ -186,8 +202,7 @@ def test_the_precomputed_cache_equals_the_live_reference(stages) -> None:
 # ------------------------------------------------------------------------------------------- fit, resume
 def _fit(tmp_path, stages, max_steps: int, stop_at: int | None = None, ckpt_path: str | None = None, **settings):
     L.seed_everything(7)
-    module = _module(stages, export_dir=str(tmp_path / "out"), precompute_ref_log_probs=True,
-                     gold_reward=GoldReward(), **settings)
+    module = _module(stages, export_dir=str(tmp_path / "out"), precompute_ref_log_probs=True, **settings)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2,
                                                save_top_k=0)
     callbacks = [ckpt] + ([StopAt(stop_at)] if stop_at else [])
@@ -200,7 +215,7 @@ def _fit(tmp_path, stages, max_steps: int, stop_at: int | None = None, ckpt_path
 def test_a_fit_moves_the_policy_only_and_prints_the_before_after_table(stages, tmp_path, capsys) -> None:
     from safetensors.torch import load_file
 
-    module, _ = _fit(tmp_path, stages, max_steps=4)
+    module, trainer = _fit(tmp_path, stages, max_steps=4)
     sft = load_file(f"{stages['sft']}/adapter_model.safetensors")
     out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert sft.keys() == out.keys() and any(not torch.equal(sft[k], out[k]) for k in sft)  # LoRA changed
@@ -218,8 +233,10 @@ def test_a_fit_moves_the_policy_only_and_prints_the_before_after_table(stages, t
     assert "reference log-probs of 48 pairs precomputed" in printed
     assert "SFT policy | sigmoid policy" in printed and "KL to the reference, mean" in printed
     assert "gold win-rate" in printed and "exact match" in printed  # the questions carry their answers
-    assert module.evaluations["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at step 0
-    assert {"exact_match", "gold_win_rate", "kl_max"} <= set(module.evaluations["after"])
+    table = next(c for c in trainer.callbacks if isinstance(c, GenerationTable))  # DPO's configure_callbacks
+    before, after = table.results["before"]["figures"], table.results["after"]["figures"]
+    assert before["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at step 0
+    assert {"exact_match", "gold_win_rate", "kl_max"} <= set(after) and after["kl_mean"] > 0
 
 
 def test_resume_with_the_cache_equals_uninterrupted(stages, tmp_path, capsys) -> None:
@@ -233,7 +250,6 @@ def test_resume_with_the_cache_equals_uninterrupted(stages, tmp_path, capsys) ->
     printed = capsys.readouterr().out
     assert "reference log-probs of 48 pairs from the checkpoint" in printed and "precomputed" not in printed
     torch.testing.assert_close(resumed.ref_cache, full.ref_cache, atol=0, rtol=0)
-    assert resumed.evaluations["before"] == full.evaluations["before"]
     got = dict(resumed.named_parameters())
     for name, p in full.named_parameters():
         if p.requires_grad:

@@ -4,7 +4,6 @@ changes, exact resume, and the recipe on local stand-ins."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import lightning as L
@@ -216,7 +215,8 @@ def test_resume_from_last_equals_uninterrupted(stages, tmp_path, capsys) -> None
     assert (tmp_path / "a" / "out" / "policy" / "adapter_config.json").exists()
     assert (tmp_path / "a" / "out" / "value" / "value_head.safetensors").exists()
     printed = capsys.readouterr().out
-    assert "held-out before PPO (4 prompts, greedy): exact match" in printed and "mean reward-model score" in printed
+    assert "held-out before training, SFT policy (4 prompts, greedy): gold win-rate" in printed
+    assert "mean reward-model score" in printed
 
 
 def test_checkpoints_must_fall_between_rollout_batches(stages, tmp_path) -> None:
@@ -250,7 +250,7 @@ def test_ppo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, cap
         "--data.init_args.micro_batch_size=16", "--trainer.max_steps=4", "--trainer.logger=false",
         "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
     out = capsys.readouterr().out
-    assert "ppo: policy from the adapter at" in out and "held-out after PPO" in out
+    assert "ppo: policy from the adapter at" in out and "held-out after training, PPO policy" in out
     assert (tmp_path / "artifacts" / "ppo" / "policy" / "adapter_model.safetensors").exists()
 
 
@@ -273,7 +273,7 @@ def test_7b_ppo_recipe_code_path_runs_on_local_stand_ins(stages, tmp_path, monke
         "--data.init_args.val_split_fraction=0.25", "--data.init_args.micro_batch_size=4",
         "--data.init_args.num_workers=0", "--trainer.max_steps=8"])
     out = capsys.readouterr().out
-    assert "held-out after PPO (2 prompts, greedy): mean reward-model score" in out, out[-2000:]
+    assert "held-out after training, PPO policy (2 prompts, greedy): mean reward-model score" in out, out[-2000:]
     assert list((tmp_path / "runs" / "mistral7b_qlora_ppo" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "artifacts" / "mistral7b_qlora_ppo" / "policy" / "adapter_config.json").exists()
 
@@ -307,10 +307,10 @@ def test_gold_reward_is_logged_and_never_enters_the_reward(stages) -> None:
     plain, plain_trainer = _one_batch(stages)
     gold = _SpyGold()
     judged, trainer = _one_batch(stages, gold_reward=gold)
-    # before evaluation, the rollout, after evaluation: the rollout's responses were judged and logged
-    assert len(gold.calls) == 3 and len(gold.calls[1]) == 8
+    # the rollout's responses were judged and logged (the held-out evaluation uses the data's own judge)
+    assert len(gold.calls) == 1 and len(gold.calls[0]) == 8
     logged = trainer.callback_metrics
-    assert float(logged["gold/score"]) == pytest.approx(sum(10.0 * len(t) for t in gold.calls[1]) / 8)
+    assert float(logged["gold/score"]) == pytest.approx(sum(10.0 * len(t) for t in gold.calls[0]) / 8)
     assert "gold/win_rate" in logged and "gold/score" not in plain_trainer.callback_metrics
     # the trained reward is the same with and without the gold reward: same score, same updates
     assert float(logged["train/score"]) == float(plain_trainer.callback_metrics["train/score"])
@@ -318,14 +318,17 @@ def test_gold_reward_is_logged_and_never_enters_the_reward(stages) -> None:
     got = dict(judged.named_parameters())
     for name, p in want.items():
         assert torch.equal(got[name], p), name
-    assert "gold_win_rate" in judged.evaluations["after"] and "gold_win_rate" not in plain.evaluations["after"]
 
 
 def test_evaluation_reports_gold_exact_match_reward_model_and_kl(stages, capsys) -> None:
-    from lit_ft.rl.rewards import GoldReward
+    """PPO's held-out evaluation is the shared callback, given PPO's roles: the gold judge of the data, exact
+    match, the reward model's own scorer and the KL to the SFT adapter."""
+    from lit_ft.callbacks.evaluation import GenerationTable
 
-    module, _ = _one_batch(stages, gold_reward=GoldReward(), reference="adapter")
-    before, after = module.evaluations["before"], module.evaluations["after"]
+    module, trainer = _one_batch(stages, reference="adapter")
+    table = next(c for c in trainer.callbacks if isinstance(c, GenerationTable))
+    assert table.num_scored == 4 and table.batch_size == 4 and table.max_new_tokens == 6  # PPO's own settings
+    before, after = table.results["before"]["figures"], table.results["after"]["figures"]
     for figures in (before, after):
         for key in ("gold_win_rate", "exact_match", "reward_model_score", "kl_mean", "kl_max", "gold_score"):
             assert key in figures, key
@@ -333,32 +336,16 @@ def test_evaluation_reports_gold_exact_match_reward_model_and_kl(stages, capsys)
         assert any(key.startswith("exact_match/") for key in figures)
     assert before["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before training
     assert after["kl_max"] >= after["kl_mean"] > 0
+    # the score is the reward model's own scorer, normalised: the same number PPO's rollouts are scored with
+    query = torch.tensor([[1, 5, 6]])
+    response, mask = torch.tensor([[7, 2]]), torch.ones(1, 2, dtype=torch.long)
+    ids, full = torch.cat([query, response], 1), torch.ones(1, 5, dtype=torch.long)
+    assert float(module.reward_model_scores(query, torch.ones_like(query), response, mask)) == pytest.approx(
+        float(module.reward_scorer(ids, full, normalize=True)))
     out = capsys.readouterr().out
-    assert "held-out after PPO (4 prompts, greedy): gold win-rate" in out
+    assert "held-out after training, PPO policy (4 prompts, greedy): gold win-rate" in out
     assert "SFT policy" in out and "PPO policy" in out
     assert "KL to the reference, max (nats)" in out
-
-
-def test_heldout_summary_and_table_by_hand() -> None:
-    from lit_ft.stages.ppo_evaluation import HeldoutResult, before_after_table, sequence_kl
-
-    result = HeldoutResult(texts=["a", "b", "c", "d"], tasks=["add", "add", "sort", "sort"],
-                           right=[True, True, True, False], gold=[2.0, 1.0, 2.0, 0.0], gold_top=2.0,
-                           reward_model=[1.0, 0.0, 0.5, -0.5], kl=[0.1, 0.3, 0.2, 0.0])
-    s = result.summary()
-    assert s["exact_match"] == 0.75 and s["gold_win_rate"] == 0.5 and s["preferred_share"] == pytest.approx(2 / 3)
-    assert s["reward_model_score"] == 0.25 and s["gold_score"] == 1.25
-    assert s["kl_mean"] == pytest.approx(0.15) and s["kl_max"] == 0.3
-    assert s["gold_win_rate/add"] == 0.5 and s["exact_match/sort"] == 0.5 and s["reward_model_score/sort"] == 0.0
-    assert result.counts() == "add 2/2, sort 1/2"
-    table = before_after_table({**s, "kl_mean": 0.0}, s, 4)
-    assert "gold win-rate" in table.splitlines()[2] and "50.0%" in table
-    assert any(line.strip().startswith("sort: exact match") for line in table.splitlines())
-    # KL of [0.5, 0.5] to [0.25, 0.75] is 0.5 ln 2 + 0.5 ln(2/3); the masked second position does not count
-    p = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
-    q = torch.log(torch.tensor([[[0.25, 0.75], [0.1, 0.9]]]))
-    kl = sequence_kl(p, q, torch.tensor([[1, 0]]))
-    assert float(kl) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
 
 
 def test_no_heldout_prompt_in_reward_model_or_ppo_training_data(tokenizer) -> None:
