@@ -13,6 +13,7 @@ module stores them and batches them. The embedded pairs come from :class:`lit_ft
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lit_ft.data.formats import IGNORE_INDEX
+from lit_ft.data.formats import IGNORE_INDEX, Prompt
+from lit_ft.data.gold import parse_question
+from lit_ft.data.heldout import HeldOutItem
 from lit_ft.data.packing import ExampleStore
 from lit_ft.data.preference_formats import (
     PREFERENCE_FORMATS,
@@ -384,3 +387,28 @@ class DPODataModule(PreferenceDataModule):
     def collator(self) -> PackedPairCollator | PaddedPairCollator:
         layout = PackedPairCollator if self.packing else PaddedPairCollator
         return layout(pad_token_id=self.pad_token_id())
+
+    # DPO's held-out evaluation generates answers: where the data has a gold judge (the embedded world), each
+    # held-out question carries its own answer, so exact match applies though the held-out *pairs* name none.
+    def heldout(self) -> list[HeldOutItem]:
+        """The held-out prompts; with a gold judge on the source, each with its question's answer as reference."""
+        items = super().heldout()
+        if getattr(self.source, "gold_judge", None) is None:
+            return items
+        answered = []
+        for item in items:
+            question = parse_question(item.prompt.text)
+            if question is None:
+                return items
+            prompt = Prompt(item.prompt.text, item.prompt.input_ids, question.answer)
+            answered.append(dataclasses.replace(item, prompt=prompt, reference=question.answer))
+        return answered
+
+    @property
+    def checkable(self) -> bool:
+        """True when every held-out item's reference is the one right answer: the records say so, or the gold
+        judge's questions give them (see :meth:`heldout`)."""
+        if self._checkable:
+            return True
+        items = self.heldout() if getattr(self.source, "gold_judge", None) is not None else []
+        return bool(items) and all(item.reference is not None for item in items)

@@ -27,19 +27,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
 
 
-def sequence_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_t KL(p_t || q_t) over the masked positions of each row: the exact KL between the full next-token
-    distributions of the policy (p) and the reference (q), from logits (B, T, V) and a mask (B, T); nats per row.
-
-    Along a fixed response (a greedy answer) this is the KL the policy's next-token choices carry away from the
-    reference there, with no sampling noise: what the held-out evaluations report as "KL per response".
-    """
-    logp = _f(policy_logits).log_softmax(-1)
-    logq = _f(reference_logits).log_softmax(-1)
-    per_token = (logp.exp() * (logp - logq)).sum(-1)
-    return (per_token * mask.to(per_token.dtype)).sum(-1)
-
-
 class FixedKLController:
     """A constant KL coefficient; ``update`` is a no-op."""
 

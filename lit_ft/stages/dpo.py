@@ -21,9 +21,10 @@ the first step, in dataset order, and keeps the (pairs, 2) log-probs in the modu
 forward only. The cache goes into every checkpoint (key ``dpo``), so a resumed run reads it back instead of
 recomputing it, and ends with the same weights as an uninterrupted one.
 
-Held-out evaluation before training and after (greedy answers to the data module's held-out prompts: exact match,
-and the KL of the policy to the reference along each answer) is printed as a before/after table; the adapter is
-exported to ``export_dir`` as the other stages export theirs.
+The held-out evaluation before training and after is the callback every stage shares
+(:mod:`lit_ft.callbacks.evaluation`): DPO lends it the policy and the reference (:meth:`DPO.evaluation_roles`),
+and it reports the gold win-rate (when the data has a gold judge), exact match and the KL of the policy to the
+reference along each greedy answer. The adapter is exported to ``export_dir`` as the other stages export theirs.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from lit_ft.backbone.roles import (
     train_only,
     warn_unmerged_reference,
 )
-from lit_ft.data.heldout import HeldOut, HeldOutItem
+from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.preference import pair_values
 from lit_ft.errors import ConfigError
 from lit_ft.losses.preference import (
@@ -69,14 +70,10 @@ from lit_ft.losses.preference import (
     preference_metrics,
     sequence_logps_from_hidden,
 )
-from lit_ft.metrics import exact_match, per_task_counts
-from lit_ft.padding import pad_rows
-from lit_ft.rl.kl import sequence_kl
-from lit_ft.rl.rollout import response_hidden, response_logits, sample
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
 
-CACHE_KEY = "dpo"  # the checkpoint key of the reference cache and the "before" evaluation
+CACHE_KEY = "dpo"  # the checkpoint key of the reference cache
 
 
 class DPO(CheckpointContract, BackboneModule, L.LightningModule):
@@ -100,7 +97,8 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
             and keep them with the run (False: the reference runs beside the policy at every step, as TRL's default).
         optimizer: callable making the optimiser from the policy adapter's parameters.
         scheduler: callable making the LR scheduler (warm-up + cosine by default).
-        num_eval: held-out prompts answered before and after training (greedy), None for all, 0 for none.
+        num_eval: held-out prompts answered before and after training (greedy) by the evaluation callback
+            (:class:`lit_ft.callbacks.evaluation.GenerationTable`), None for all, 0 for none.
         eval_batch_size: prompts per generation batch in that evaluation.
         max_new_tokens: longest held-out answer.
         export_dir: where the policy adapter (PEFT format, with the tokenizer and ``lit_ft_base.json``) is written
@@ -145,8 +143,6 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         self.model: nn.Module | None = None
         self._reference_name: str | None = None
         self.ref_cache: torch.Tensor | None = None  # (pairs, 2) reference log-probs, in dataset order
-        self.evaluations: dict[str, dict[str, Any]] = {}
-        self._eval_texts: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -255,84 +251,30 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         rank_zero_only(print)(f"dpo: reference log-probs of {pairs} pairs precomputed")
 
     # ------------------------------------------------------------ evaluation
-    def _heldout(self) -> tuple[list[HeldOutItem], bool]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not isinstance(datamodule, HeldOut) or self.num_eval == 0:
-            return [], False
-        items = datamodule.heldout()
-        return (items if self.num_eval is None else items[: self.num_eval]), bool(datamodule.checkable)
+    def evaluation_roles(self) -> EvaluationRoles:
+        """The held-out evaluation's roles (:mod:`lit_ft.callbacks.evaluation`): the policy adapter, and the
+        reference (the frozen SFT adapter, or the bare base) for the KL along each greedy answer."""
+        return EvaluationRoles(
+            self.model, self.tokenizer, policy=lambda: active_adapter(self.model, POLICY),
+            reference=lambda: active_adapter(self.model, self._reference_name),
+            names=("SFT policy" if self.policy_adapter else "start", f"{self.loss.loss_type} policy"),
+            max_new_tokens=self.max_new_tokens)
 
-    @torch.no_grad()
-    def answer(self, items: list[HeldOutItem]) -> tuple[list[str], list[float]]:
-        """Greedy answers of the policy to held-out prompts, and each answer's KL to the reference (nats, summed
-        over the answer's tokens, exact over the vocabulary: :func:`lit_ft.rl.kl.sequence_kl`)."""
-        was_training = self.model.training
-        self.model.eval()
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        texts: list[str] = []
-        kls: list[float] = []
-        for start in range(0, len(items), self.eval_batch_size):
-            prompts = [item.prompt.input_ids for item in items[start:start + self.eval_batch_size]]
-            query, query_mask = (t.to(self.device) for t in pad_rows(prompts, pad, "left"))
-            with active_adapter(self.model, POLICY):
-                samples = sample(self.model, query, query_mask, self.max_new_tokens, eos, pad, greedy=True)
-            response, mask = samples.tokens, samples.mask
-            logits = {}
-            for role in (POLICY, self._reference_name):
-                with active_adapter(self.model, role):
-                    hidden = response_hidden(self.model, query, query_mask, response, mask)
-                    logits[role] = response_logits(self.model, hidden)
-            kls += sequence_kl(logits[POLICY], logits[self._reference_name], mask).tolist()
-            texts += [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
-                      for row, m in zip(response, mask)]
-        self.model.train(was_training)
-        return texts, kls
-
-    def evaluate(self, tag: str) -> dict[str, Any]:
-        """Answer the held-out prompts and summarise: exact match (overall and per task, where checkable) and the
-        KL to the reference, mean and max."""
-        items, checkable = self._heldout()
-        if not items:
-            return {}
-        texts, kls = self.answer(items)
-        result: dict[str, Any] = {"prompts": len(items), "kl_mean": sum(kls) / len(kls), "kl_max": max(kls)}
-        if checkable:
-            right = [exact_match(t, item.reference) for t, item in zip(texts, items)]
-            result["exact_match"] = sum(right) / len(right)
-            for task, (n_right, total) in per_task_counts(right, [item.task for item in items]).items():
-                result[f"exact_match/{task}"] = n_right / total
-        self.evaluations[tag] = result
-        self._eval_texts[tag] = texts
-        if self._trainer is not None:
-            for logger in self.trainer.loggers:
-                logger.log_metrics({f"eval/{k}_{tag}": float(v) for k, v in result.items()}, step=self.global_step)
-        return result
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The held-out evaluation with DPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
+        :class:`GenerationTable` of the trainer's. ``num_eval: 0`` turns it off."""
+        if self.num_eval == 0:
+            return []
+        scored = self.num_eval if self.num_eval is not None else 10**9  # None: every held-out prompt
+        return [GenerationTable(num_shown=min(6, scored), num_scored=scored, batch_size=self.eval_batch_size,
+                                max_new_tokens=self.max_new_tokens)]
 
     def on_train_start(self) -> None:
         self._prepare_reference_cache()
-        if "before" not in self.evaluations:  # a resumed run brings the step-0 figures back from its checkpoint
-            self.evaluate("before")
 
     def on_train_end(self) -> None:
-        after = self.evaluate("after")
-        if self.trainer.is_global_zero:
-            before = self.evaluations.get("before", {})
-            if after:
-                print(self.before_after_table(before, after))
-            if self.export_dir:
-                print(f"lit_ft: saved the DPO policy adapter to {self.export(self.export_dir)}")
-
-    def before_after_table(self, before: dict[str, Any], after: dict[str, Any]) -> str:
-        rows = [("exact_match", "exact match", "{:.1%}"), ("kl_mean", "KL to the reference, mean (nats)", "{:.3f}"),
-                ("kl_max", "KL to the reference, max (nats)", "{:.3f}")]
-        rows += [(k, f"  {k.split('/', 1)[1]}: exact match", "{:.1%}") for k in after if k.startswith("exact_match/")]
-        title = f"held-out, {after.get('prompts', 0)} prompts, greedy"
-        lines = [f"{title:<34} | {'before DPO':>12} | {'after DPO':>12}"]
-        lines.append("-" * len(lines[0]))
-        for key, label, fmt in rows:
-            cells = [fmt.format(figures[key]) if key in figures else "-" for figures in (before, after)]
-            lines.append(f"{label:<34} | {cells[0]:>12} | {cells[1]:>12}")
-        return "\n".join(lines)
+        if self.export_dir and self.trainer.is_global_zero:
+            print(f"lit_ft: saved the DPO policy adapter to {self.export(self.export_dir)}")
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
@@ -342,18 +284,14 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints, export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The policy adapter (the contract keeps trainable tensors only), the reference cache and the step-0
-        evaluation: a resumed run neither recomputes the one nor loses the other."""
+        """The policy adapter (the contract keeps trainable tensors only) and the reference cache: a resumed run
+        reads the cache back instead of recomputing it."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CACHE_KEY] = {"ref_cache": self.ref_cache,
-                                 "evaluation_before": dict(self.evaluations.get("before", {}))}
+        checkpoint[CACHE_KEY] = {"ref_cache": self.ref_cache}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # refuses a checkpoint the config does not continue
-        state = checkpoint.get(CACHE_KEY) or {}
-        self.ref_cache = state.get("ref_cache")
-        if state.get("evaluation_before"):
-            self.evaluations["before"] = dict(state["evaluation_before"])
+        self.ref_cache = (checkpoint.get(CACHE_KEY) or {}).get("ref_cache")
 
     def export(self, directory: str) -> Path:
         """The policy adapter in PEFT format, with the tokenizer and ``lit_ft_base.json``."""

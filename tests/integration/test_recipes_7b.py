@@ -1,7 +1,8 @@
-"""The 7B recipe chain (SFT on Alpaca -> reward model on HH -> PPO, and GRPO, on HH prompts) with its own config overlays, on
+"""The 7B recipe chain (SFT on Alpaca -> reward model on HH -> PPO and GRPO on HH prompts; DPO on HH pairs from the
+same SFT adapter) with its own config overlays, on
 a tiny local stand-in: the hub model and datasets are swapped for local files by command-line overrides only.
 
-* One prompt template end to end: the reward model and PPO render a record exactly as SFT did.
+* One prompt template end to end: the reward model, PPO and DPO render a record exactly as SFT did.
 * Each stage runs 2 optimizer steps and writes its adapter with the record of how its base was loaded (NF4, bf16
   compute, the [INST] template); `lit-ft generate`, `score` and `export` then load that base as NF4 with bf16
   compute.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from tests.tiny_runs import adapter_weights, save_tiny_base
 CONFIGS = ROOT / "configs"
 SFT, RM, PPO = "mistral7b_qlora_alpaca.yaml", "mistral7b_qlora_rm_hh.yaml", "mistral7b_qlora_ppo.yaml"
 GRPO = "mistral7b_qlora_grpo.yaml"
+DPO = "mistral7b_qlora_dpo_hh.yaml"
 ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
           {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
 
@@ -55,6 +58,9 @@ def test_rm_and_ppo_render_a_record_exactly_as_sft_did(record, tokenizer) -> Non
     assert scored.prompt_ids == prompt.input_ids
     sampled = record_prompt(pair, tokenizer, ppo["format"], ppo.get("chat_template"))
     assert sampled.input_ids == prompt.input_ids  # PPO samples from the prompt SFT learned to answer
+    dpo = _data_settings(DPO)
+    preferred = tokenize_pair(pair, tokenizer, dpo["format"], dpo.get("chat_template"))
+    assert preferred.prompt_ids + preferred.chosen_ids == trained["input_ids"]  # DPO raises what SFT trained on
 
 
 def _write_data(tmp: Path) -> tuple[Path, Path]:
@@ -103,6 +109,8 @@ def test_each_7b_recipe_runs_two_steps_on_a_stand_in_and_the_tools_load_its_base
          "--data.init_args.micro_batch_size=2", "--model.init_args.num_generations=2",
          "--model.init_args.minibatch_size=2", "--model.init_args.forward_batch_size=2",
          "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2")
+    _fit(DPO, base, f"--data.init_args.source={hh}", f"--data.init_args.val_source={hh}", *small,
+         "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2")
     out = capsys.readouterr().out
     assert "grpo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
     assert "held-out after training, GRPO policy (2 prompts, greedy): mean reward-model score" in out
@@ -114,11 +122,15 @@ def test_each_7b_recipe_runs_two_steps_on_a_stand_in_and_the_tools_load_its_base
         Path("artifacts/mistral7b_qlora_alpaca/adapter")).items())  # the policy moved off the SFT adapter
     assert "reward model: starting from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
     assert "ppo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
-    assert [_steps(r) for r in ("mistral7b_qlora_alpaca", "mistral7b_qlora_rm_hh", "mistral7b_qlora_ppo")] == [2, 2, 2]
+    assert "dpo: policy from the adapter at artifacts/mistral7b_qlora_alpaca/adapter" in out
+    assert re.search(r"dpo: reference log-probs of \d+ pairs precomputed", out) and "| sigmoid policy" in out
+    runs = ("mistral7b_qlora_alpaca", "mistral7b_qlora_rm_hh", "mistral7b_qlora_ppo", "mistral7b_qlora_dpo_hh")
+    assert [_steps(r) for r in runs] == [2, 2, 2, 2]
 
     sft, rm = Path("artifacts/mistral7b_qlora_alpaca/adapter"), Path("artifacts/mistral7b_qlora_rm_hh")
     policy, value = Path("artifacts/mistral7b_qlora_ppo/policy"), Path("artifacts/mistral7b_qlora_ppo/value")
-    for adapter, stage in ((sft, "CausalLM"), (rm, "RewardModel"), (policy, "PPO"), (value, "PPO")):
+    dpo = Path("artifacts/mistral7b_qlora_dpo_hh/adapter")
+    for adapter, stage in ((sft, "CausalLM"), (rm, "RewardModel"), (policy, "PPO"), (value, "PPO"), (dpo, "DPO")):
         record = BaseRecord.read(adapter)
         assert (record.pretrained, record.quantization, record.compute_dtype, record.dtype) == (
             base, "nf4", "bfloat16", "bfloat16"), adapter
@@ -126,6 +138,9 @@ def test_each_7b_recipe_runs_two_steps_on_a_stand_in_and_the_tools_load_its_base
     sft_weights = adapter_weights(sft)
     assert any(bool(v.abs().sum()) for k, v in sft_weights.items() if "lora_B" in k)  # trained from B = 0
     assert any(not torch.equal(v, adapter_weights(rm)[k]) for k, v in sft_weights.items())
+    dpo_weights = adapter_weights(dpo)  # the DPO policy moved from the SFT adapter it started from
+    assert dpo_weights.keys() == sft_weights.keys()
+    assert any(not torch.equal(v, dpo_weights[k]) for k, v in sft_weights.items())
     assert _digest(base) == base_digest  # the frozen base never changes
 
     loaded = LoadedBases(monkeypatch)

@@ -1,7 +1,8 @@
 """Resume after a real SIGKILL: a `lit-ft fit` subprocess is killed between checkpoints, resumed with
 `--ckpt_path last`, killed again in the middle of a checkpoint write, resumed again, and must end with the same
 trainable weights as an uninterrupted run (max abs diff <= 1e-6 on CPU), having trained on exactly the same
-batches, in one W&B run. SFT and PPO run as subprocesses; the reward model resumes in process.
+batches, in one W&B run. SFT, PPO and DPO (with its precomputed reference log-probs) run as subprocesses; the reward
+model resumes in process.
 
 The contract between a checkpoint and a resumed config (lit_ft.stages.run_contract): a longer run follows the new
 schedule (finished and extended, or killed and resumed with a larger max_steps); a checkpoint file of another run
@@ -214,6 +215,45 @@ def test_reward_model_resume_with_a_renamed_adapter_is_refused_before_loading(ba
     torch.save(legacy, tmp_path / "legacy.ckpt")
     with pytest.raises(CheckpointError, match=r"tensors are not in it .*nothing was loaded"):
         _fit_rm(tmp_path / "other", base, data, ckpt_path=str(tmp_path / "legacy.ckpt"), adapter="judge")
+
+
+# ------------------------------------------------------------------------------------------------------ DPO
+def _dpo_config(base: str, data: Path, run_dir: Path, **trainer) -> dict:
+    """DPO of a fresh policy adapter against the base, reference log-probs precomputed: 5 batches an epoch."""
+    from tests.tiny_runs import backbone_config, trainer_config
+
+    return {
+        "seed_everything": 42,
+        "trainer": trainer_config(run_dir, 10, 2, **trainer),
+        "model": {"class_path": "lit_ft.stages.dpo.DPO",
+                  "init_args": {"backbone": backbone_config(base, None), "policy_adapter": None, "reference": "base",
+                                "precompute_ref_log_probs": True,
+                                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
+                                "export_dir": str(run_dir / "adapter")}},
+        "data": {"class_path": "lit_ft.data.preference.DPODataModule",
+                 "init_args": {"source": str(data), "val_split_fraction": 0.0, "max_seq_length": 64,
+                               "micro_batch_size": 4}},
+    }
+
+
+@pytest.mark.slow  # four DPO subprocesses: ~5 min wall on 2 loaded cores; .ci/run runs it
+def test_dpo_resumes_exactly_with_its_reference_cache_after_sigkill(base, tmp_path) -> None:
+    """DPO: the data position, the optimiser and the precomputed reference log-probs come back from the checkpoint
+    (tests/unit/stages/test_dpo.py checks that it is read back, not recomputed), and the adapter ends as in an
+    uninterrupted run."""
+    data = _pairs(tmp_path / "pairs.jsonl", 20)  # 5 batches an epoch: the resumes cross into epoch 1
+
+    def config(run_dir: Path, **trainer) -> dict:
+        return _dpo_config(base, data, run_dir, **trainer)
+
+    ref, chain = _kill_twice_and_resume(tmp_path, config, kill_between=5, last_before=4, kill_writing=8,
+                                        last_written=6)
+    diff = max_abs_diff(adapter_weights(ref / "adapter"), adapter_weights(chain / "adapter"))
+    print(f"DPO: max abs diff of the LoRA weights, resumed twice vs uninterrupted: {diff:.3g}")
+    assert diff <= TOLERANCE
+    caches = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["dpo"]["ref_cache"]
+              for run in (ref, chain)]
+    assert caches[0].shape == (20, 2) and torch.equal(caches[0], caches[1])
 
 
 # ------------------------------------------------------------------------------- the contract, through lit-ft

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
+from lit_ft.callbacks.evaluation import GenerationTable
 from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.preference import DPODataModule, PackedPairCollator, PaddedPairCollator, pair_values
 from lit_ft.errors import ConfigError
@@ -64,6 +65,22 @@ def _connected(module: DPO, packing: bool = True) -> DPODataModule:
 
 def _batch(dm: DPODataModule, rows: list[int]) -> dict[str, torch.Tensor]:
     return dm.collator()([dm.train_dataset[i] for i in rows])
+
+
+def test_dpo_held_out_prompts_carry_their_questions_answers(tokenizer) -> None:
+    from lit_ft.data.gold import gold_rank
+    from lit_ft.data.preference import PreferenceDataModule
+
+    dm = DPODataModule(EmbeddedWorld(num_train=16, num_heldout=4), max_seq_length=128)
+    dm.connect(tokenizer)
+    items = dm.heldout()
+    assert dm.checkable and len(items) == 4
+    for item in items:  # the reference is the answer the gold judge ranks correct
+        assert item.reference and item.prompt.reference == item.reference
+        assert gold_rank(item.prompt.text, item.reference) == 1
+    rm = PreferenceDataModule(EmbeddedWorld(num_train=16, num_heldout=4), max_seq_length=128)
+    rm.connect(tokenizer)
+    assert not rm.checkable and [i.prompt.input_ids for i in rm.heldout()] == [i.prompt.input_ids for i in items]
 
 
 # ------------------------------------------------------------------------------------------- roles, forwards
@@ -198,7 +215,7 @@ def _fit(tmp_path, stages, max_steps: int, stop_at: int | None = None, ckpt_path
 def test_a_fit_moves_the_policy_only_and_prints_the_before_after_table(stages, tmp_path, capsys) -> None:
     from safetensors.torch import load_file
 
-    module, _ = _fit(tmp_path, stages, max_steps=4)
+    module, trainer = _fit(tmp_path, stages, max_steps=4)
     sft = load_file(f"{stages['sft']}/adapter_model.safetensors")
     out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert sft.keys() == out.keys() and any(not torch.equal(sft[k], out[k]) for k in sft)  # LoRA changed
@@ -213,23 +230,26 @@ def test_a_fit_moves_the_policy_only_and_prints_the_before_after_table(stages, t
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(p, base[key]), name
     printed = capsys.readouterr().out
-    assert "reference log-probs of 16 pairs precomputed" in printed
-    assert "before DPO |" in printed and "KL to the reference, mean" in printed and "exact match" in printed
-    assert module.evaluations["before"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at step 0
+    assert "reference log-probs of 48 pairs precomputed" in printed
+    assert "SFT policy | sigmoid policy" in printed and "KL to the reference, mean" in printed
+    assert "gold win-rate" in printed and "exact match" in printed  # the questions carry their answers
+    table = next(c for c in trainer.callbacks if isinstance(c, GenerationTable))  # DPO's configure_callbacks
+    before, after = table.results["before"]["figures"], table.results["after"]["figures"]
+    assert before["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at step 0
+    assert {"exact_match", "gold_win_rate", "kl_max"} <= set(after) and after["kl_mean"] > 0
 
 
 def test_resume_with_the_cache_equals_uninterrupted(stages, tmp_path, capsys) -> None:
     full, _ = _fit(tmp_path / "a", stages, max_steps=6)
     _fit(tmp_path / "b", stages, max_steps=6, stop_at=4)
     ckpt = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 4 and ckpt["dpo"]["ref_cache"].shape == (16, 2)
+    assert ckpt["global_step"] == 4 and ckpt["dpo"]["ref_cache"].shape == (48, 2)
     capsys.readouterr()
     resumed, trainer = _fit(tmp_path / "b", stages, max_steps=6, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 6
     printed = capsys.readouterr().out
-    assert "reference log-probs of 16 pairs from the checkpoint" in printed and "precomputed" not in printed
+    assert "reference log-probs of 48 pairs from the checkpoint" in printed and "precomputed" not in printed
     torch.testing.assert_close(resumed.ref_cache, full.ref_cache, atol=0, rtol=0)
-    assert resumed.evaluations["before"] == full.evaluations["before"]
     got = dict(resumed.named_parameters())
     for name, p in full.named_parameters():
         if p.requires_grad:
@@ -247,5 +267,5 @@ def test_dpo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, cap
         "--data.init_args.micro_batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
         "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
     out = capsys.readouterr().out
-    assert "dpo: policy from the adapter at" in out and "after DPO" in out
+    assert "dpo: policy from the adapter at" in out and "| sigmoid policy" in out and "gold win-rate" in out
     assert (tmp_path / "artifacts" / "dpo" / "adapter" / "adapter_model.safetensors").exists()
