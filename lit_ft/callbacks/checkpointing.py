@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckp
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_ft.callbacks.preflight import check_free_space, check_writable, checkpoint_bytes, is_local
-from lit_ft.errors import OutputError
+from lit_ft.errors import ConfigError, OutputError
 
 TMP_PREFIX = ".ckpt-write-"  # never contains "last", so Lightning's `ckpt_path="last"` search cannot pick one up
 TMP_SUFFIX = ".tmp"
@@ -169,3 +169,15 @@ def is_own_checkpoint(trainer: L.Trainer, path: str | os.PathLike) -> bool:
     folder = Path(str(path).removeprefix("file://")).resolve().parent
     dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
     return any(is_local(d) and Path(str(d).removeprefix("file://")).resolve() == folder for d in dirs)
+
+
+def check_between_rollouts(trainer: L.Trainer, updates_per_batch: int, made_of: str) -> None:
+    """RL stages (PPO, GRPO) checkpoint between rollout batches only, where their state is whole: each checkpoint
+    callback's ``every_n_train_steps`` must be a multiple of the optimizer updates one rollout batch makes
+    (``made_of`` names the product, e.g. "ppo_epochs x minibatches"). A one-line :class:`ConfigError` otherwise."""
+    for callback in trainer.checkpoint_callbacks:
+        every = getattr(callback, "_every_n_train_steps", 0)
+        if every and every % updates_per_batch:
+            raise ConfigError(f"checkpoint every_n_train_steps={every} must be a multiple of the {updates_per_batch} "
+                              f"optimizer updates each rollout batch makes ({made_of}), so that checkpoints fall "
+                              "between batches")

@@ -258,6 +258,16 @@ class GenerationTable(L.Callback):
         self.results: dict[str, dict] = {}
         self.names: tuple[str, str] = ("before", "after")
 
+    @classmethod
+    def for_stage(cls, num_eval: int | None, batch_size: int, max_new_tokens: int) -> list[GenerationTable]:
+        """The evaluation a stage returns from ``configure_callbacks`` with its own settings (PPO, DPO, GRPO:
+        ``num_eval``, ``eval_batch_size``, ``max_new_tokens``); it replaces a GenerationTable of the trainer's.
+        ``num_eval`` None scores every held-out prompt; 0 turns the evaluation off."""
+        if num_eval == 0:
+            return []
+        scored = num_eval if num_eval is not None else 10**9
+        return [cls(num_shown=min(6, scored), num_scored=scored, batch_size=batch_size, max_new_tokens=max_new_tokens)]
+
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> dict:
         """Generate for the data module's held-out prompts and measure what the data and the stage allow."""
         dm = trainer.datamodule

@@ -120,6 +120,21 @@ class Samples:
         return self.mask.sum(-1)
 
 
+def sampling_state(generator: torch.Generator) -> dict:
+    """What makes an RL stage's resume exact, for its checkpoint: the sampling generator (samples, minibatch order)
+    and the process RNG states (dropout, anything else drawn from torch's default generators)."""
+    return {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_sampling_state(generator: torch.Generator, state: dict) -> None:
+    """Put back what :func:`sampling_state` saved."""
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def draw_uniforms(generator: torch.Generator | None, steps: int, rows: int, device: torch.device) -> torch.Tensor:
     """The ``(steps, rows)`` float64 uniforms one call of :func:`sample` consumes, drawn at once.
 

@@ -71,7 +71,7 @@ from lit_ft.losses.preference import (
     sequence_logps_from_hidden,
 )
 from lit_ft.stages.run_contract import CheckpointContract
-from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
+from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
 
 CACHE_KEY = "dpo"  # the checkpoint key of the reference cache
 
@@ -263,11 +263,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The held-out evaluation with DPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
         :class:`GenerationTable` of the trainer's. ``num_eval: 0`` turns it off."""
-        if self.num_eval == 0:
-            return []
-        scored = self.num_eval if self.num_eval is not None else 10**9  # None: every held-out prompt
-        return [GenerationTable(num_shown=min(6, scored), num_scored=scored, batch_size=self.eval_batch_size,
-                                max_new_tokens=self.max_new_tokens)]
+        return GenerationTable.for_stage(self.num_eval, self.eval_batch_size, self.max_new_tokens)
 
     def on_train_start(self) -> None:
         self._prepare_reference_cache()
@@ -278,9 +274,8 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return optimizer_and_schedule(params, self.optimizer_fn, self.scheduler_fn,
-                                      self.trainer.estimated_stepping_batches)
+        return optimizer_and_schedule(lora_param_groups(self, self.backbone.lora), self.optimizer_fn,
+                                      self.scheduler_fn, self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------ checkpoints, export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -48,6 +48,7 @@ from lit_ft.backbone.roles import (
     train_only,
     warn_unmerged_reference,
 )
+from lit_ft.callbacks.checkpointing import check_between_rollouts
 from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.formats import Prompt
 from lit_ft.errors import ConfigError
@@ -68,10 +69,17 @@ from lit_ft.rl.losses import (
     token_logprobs,
 )
 from lit_ft.rl.rewards import ProgrammaticReward
-from lit_ft.rl.rollout import GroupRollout, response_hidden, response_logits, sample
+from lit_ft.rl.rollout import (
+    GroupRollout,
+    response_hidden,
+    response_logits,
+    restore_sampling_state,
+    sample,
+    sampling_state,
+)
 from lit_ft.stages.reward_model import RewardScorer, load_reward_model
 from lit_ft.stages.run_contract import CheckpointContract
-from lit_ft.stages.schedules import WarmupCosine, default_optimizer, optimizer_and_schedule
+from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
 
 REWARD = "reward"
 ENTROPY_ROWS = 4  # rows per entropy computation: its (rows, T, V) temporaries stay small beside the logits
@@ -399,9 +407,7 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The held-out evaluation with GRPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
         :class:`GenerationTable` of the trainer's."""
-        scored = self.num_eval if self.num_eval is not None else 10**9  # None: every held-out prompt
-        return [GenerationTable(num_shown=min(6, scored), num_scored=scored, batch_size=self.eval_batch_size,
-                                max_new_tokens=self.max_new_tokens)]
+        return GenerationTable.for_stage(self.num_eval, self.eval_batch_size, self.max_new_tokens)
 
     def on_train_start(self) -> None:
         self._check_checkpoint_interval()
@@ -414,34 +420,25 @@ class GRPO(CheckpointContract, BackboneModule, L.LightningModule):
         """Checkpoints must fall on rollout boundaries: every_n_train_steps a multiple of updates per batch."""
         prompts = getattr(self.trainer.datamodule, "micro_batch_size", 1)
         per_batch = self.num_iterations * self._updates_per_iteration(prompts * self.num_generations)
-        for callback in self.trainer.checkpoint_callbacks:
-            every = getattr(callback, "_every_n_train_steps", 0)
-            if every and every % per_batch:
-                raise ConfigError(f"checkpoint every_n_train_steps={every} must be a multiple of the {per_batch} "
-                                  "optimizer updates each rollout batch makes (num_iterations x minibatches), so "
-                                  "that checkpoints fall between batches")
+        check_between_rollouts(self.trainer, per_batch, "num_iterations x minibatches")
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        return optimizer_and_schedule(self.trainable_parameters(), self.optimizer_fn, self.scheduler_fn,
-                                      self.trainer.estimated_stepping_batches)
+        return optimizer_and_schedule(lora_param_groups(self, self.backbone.lora), self.optimizer_fn,
+                                      self.scheduler_fn, self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The trainable adapter, plus what makes resume exact: the sampling generator and the RNG states."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["grpo"] = {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        checkpoint["grpo"] = sampling_state(self.generator)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # refuses a checkpoint the config does not continue
         state = checkpoint.get("grpo")
         if state is None:
             return
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_sampling_state(self.generator, state)
 
     def export(self, directory: str) -> Path:
         """``policy/``: the PEFT adapter, the tokenizer and the record of how the base was loaded."""

@@ -52,6 +52,7 @@ from lit_ft.backbone.roles import (
     train_only,
     warn_unmerged_reference,
 )
+from lit_ft.callbacks.checkpointing import check_between_rollouts
 from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.formats import Prompt
 from lit_ft.errors import ConfigError
@@ -67,7 +68,14 @@ from lit_ft.rl.losses import (
     value_loss,
 )
 from lit_ft.rl.rewards import ProgrammaticReward
-from lit_ft.rl.rollout import Rollout, response_hidden, response_logits, sample
+from lit_ft.rl.rollout import (
+    Rollout,
+    response_hidden,
+    response_logits,
+    restore_sampling_state,
+    sample,
+    sampling_state,
+)
 from lit_ft.stages.reward_model import RewardScorer, init_score_head, load_reward_model
 from lit_ft.stages.run_contract import CheckpointContract
 from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
@@ -444,9 +452,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The held-out evaluation with PPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
         :class:`GenerationTable` of the trainer's."""
-        scored = self.num_eval if self.num_eval is not None else 10**9  # None: every held-out prompt
-        return [GenerationTable(num_shown=min(6, scored), num_scored=scored, batch_size=self.eval_batch_size,
-                                max_new_tokens=self.max_new_tokens)]
+        return GenerationTable.for_stage(self.num_eval, self.eval_batch_size, self.max_new_tokens)
 
     def on_train_start(self) -> None:
         self._check_checkpoint_interval()
@@ -456,12 +462,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         datamodule = self.trainer.datamodule
         batch = getattr(datamodule, "micro_batch_size", self.minibatch_size)
         per_batch = self.ppo_epochs * math.ceil(batch / self.minibatch_size)
-        for callback in self.trainer.checkpoint_callbacks:
-            every = getattr(callback, "_every_n_train_steps", 0)
-            if every and every % per_batch:
-                raise ConfigError(f"checkpoint every_n_train_steps={every} must be a multiple of the "
-                                    f"{per_batch} optimizer updates each rollout batch makes (ppo_epochs x "
-                                    "minibatches), so that checkpoints fall between batches")
+        check_between_rollouts(self.trainer, per_batch, "ppo_epochs x minibatches")
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero and self.export_dir:
@@ -476,9 +477,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Trainable adapters and value head, plus what makes resume exact: KL controller and RNG states."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), "generator": self.generator.get_state(),
-                             "torch_rng": torch.get_rng_state(),
-                             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), **sampling_state(self.generator)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # refuses a checkpoint the config does not continue
@@ -486,10 +485,7 @@ class PPO(CheckpointContract, BackboneModule, L.LightningModule):
         if state is None:
             return
         self.kl_controller.load_state_dict(state["kl_controller"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_sampling_state(self.generator, state)
 
     def export(self, directory: str) -> Path:
         """``policy/`` (PEFT adapter + tokenizer) and ``value/`` (adapter + ``value_head.safetensors``)."""
