@@ -304,6 +304,8 @@ class GenerationTable(L.Callback):
 
     @rank_zero_only
     def _report(self, trainer: L.Trainer, tag: str, result: dict) -> None:
+        if not result:  # nothing was evaluated (no held-out prompts, or a stage that does not generate)
+            return
         figures = result.get("figures") or {}
         parts = []
         if "gold_win_rate" in figures:

@@ -91,3 +91,16 @@ def test_gold_judge_reward_model_and_kl_reach_the_figures_and_evaluation_json(mo
     record = json.loads(json.dumps(written["evaluation.json"], default=str))
     assert record["scores"]["after"]["figures"]["gold_win_rate"] == 0.5
     assert record["rows"][0]["after"] == "7 is the sum of 3 and 4."
+
+
+def test_nothing_evaluated_reports_nothing_even_to_a_wandb_logger() -> None:
+    """A run whose data has no held-out prompts (a plain pairs file with no validation split) evaluates nothing:
+    the report must not reach for generations that do not exist (it did, through W&B's table)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    calls = []
+    logger = WandbLogger.__new__(WandbLogger)
+    logger.log_table = lambda **kwargs: calls.append(kwargs)
+    logger.log_metrics = lambda *args, **kwargs: calls.append(args)
+    GenerationTable()._report(SimpleNamespace(loggers=[logger], global_step=0), "before", {})
+    assert calls == []

@@ -10,9 +10,8 @@ import torch
 
 from lit_ft.backbone import Backbone, LoraSettings, build_model, save_adapter, save_full_model
 from lit_ft.backbone.base_record import BaseRecord
-from lit_ft.tools.generate import greedy_generate
 from lit_ft.data.formats import format_alpaca_prompt, tokenize_record
-from lit_ft.tools.generate import build_prompts, main
+from lit_ft.tools.generate import build_prompts, greedy_generate, main
 from tests.quantised_loading import LoadedBases, assert_nf4_bf16, fails_in_one_line, save_nf4_adapter
 from tests.tiny_models import TINY
 
