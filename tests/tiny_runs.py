@@ -257,3 +257,33 @@ class FullDiskAt(KillingCheckpointIO):
 
     def interrupt(self, tmp: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+
+def perturb_lora(model, adapter: str, seed: int) -> None:
+    """LoRA B starts at zero (an identity adapter); make the adapter actually change the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f"lora_B.{adapter}." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def save_base_and_sft(root: Path, tokenizer) -> dict[str, str]:
+    """A tiny base and a perturbed SFT adapter on it (r 4), as `make sft` leaves them: ``{"base", "sft"}`` paths."""
+    from lit_ft.backbone import (
+        Backbone,
+        LoraSettings,
+        add_adapter,
+        build_model,
+        save_adapter,
+        save_full_model,
+    )
+
+    torch.manual_seed(0)
+    base = str(save_full_model(build_model(Backbone(pretrained=None, tiny=TINY, lora=None), tokenizer),
+                               root / "base", tokenizer))
+    sft = add_adapter(build_model(Backbone(pretrained=base, lora=None), tokenizer),
+                      LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft"))
+    perturb_lora(sft, "sft", 1)
+    save_adapter(sft, root / "sft", "sft", tokenizer)
+    return {"base": base, "sft": str(root / "sft")}

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
+from lit_ft.backbone import Backbone, LoraSettings
 from lit_ft.callbacks.evaluation import GenerationTable
 from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.prompts import PromptDataModule
@@ -17,30 +17,14 @@ from lit_ft.errors import ConfigError
 from lit_ft.rl.advantages import group_advantages
 from lit_ft.rl.rewards import ExactMatchReward, LengthPenalty
 from lit_ft.stages.grpo import GRPO
-from tests.tiny_models import ROOT, TINY, StopAt, config_command
-
-
-def _perturb_lora(model, adapter: str, seed: int) -> None:
-    """LoRA B starts at zero (an identity adapter); make the adapter actually change the model."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if f"lora_B.{adapter}." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+from tests.tiny_models import ROOT, StopAt, config_command
+from tests.tiny_runs import save_base_and_sft
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, tokenizer) -> dict[str, str]:
     """A tiny base and an SFT adapter, as `make sft` leaves them."""
-    root = tmp_path_factory.mktemp("grpo_stages")
-    torch.manual_seed(0)
-    base = str(save_full_model(build_model(Backbone(pretrained=None, tiny=TINY, lora=None), tokenizer),
-                               root / "base", tokenizer))
-    sft = add_adapter(build_model(Backbone(pretrained=base, lora=None), tokenizer),
-                      LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft"))
-    _perturb_lora(sft, "sft", 1)
-    save_adapter(sft, root / "sft", "sft", tokenizer)
-    return {"base": base, "sft": str(root / "sft")}
+    return save_base_and_sft(tmp_path_factory.mktemp("grpo_stages"), tokenizer)
 
 
 def _module(stages: dict[str, str], **overrides) -> GRPO:

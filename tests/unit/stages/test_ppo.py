@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_ft.backbone import Backbone, LoraSettings, add_adapter, build_model, save_adapter, save_full_model
+from lit_ft.backbone import Backbone, LoraSettings
 from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.prompts import LeftPadCollator, PromptDataModule
 from lit_ft.metrics import per_task_counts
@@ -22,40 +22,26 @@ from lit_ft.stages.ppo import PPO, normalised_head_state
 from lit_ft.stages.reward_model import RewardModel
 from tests.tiny_models import (
     ROOT,
-    TINY,
     StopAt,
     config_command,
 )
-
+from tests.tiny_runs import perturb_lora, save_base_and_sft
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def _perturb_lora(model, adapter: str, seed: int) -> None:
-    """LoRA B starts at zero (an identity adapter); make the adapter actually change the model."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if f"lora_B.{adapter}." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, tokenizer) -> dict[str, str]:
     """A tiny base, an SFT adapter and a reward-model export, as `make sft` and `make rm` leave them."""
     root = tmp_path_factory.mktemp("ppo_stages")
-    torch.manual_seed(0)
-    base = str(save_full_model(build_model(Backbone(pretrained=None, tiny=TINY, lora=None), tokenizer),
-                               root / "base", tokenizer))
-    sft = add_adapter(build_model(Backbone(pretrained=base, lora=None), tokenizer),
-                      LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft"))
-    _perturb_lora(sft, "sft", 1)
-    save_adapter(sft, root / "sft", "sft", tokenizer)
+    paths = save_base_and_sft(root, tokenizer)
+    base = paths["base"]
     rm = RewardModel(Backbone(pretrained=base, lora=LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="reward")))
     rm.configure_model()
-    _perturb_lora(rm.model, "reward", 2)
+    perturb_lora(rm.model, "reward", 2)
     rm.reward_mean.fill_(0.5)
     rm.reward_std.fill_(2.0)
     rm.export(str(root / "rm"))
-    return {"base": base, "sft": str(root / "sft"), "rm": str(root / "rm")}
+    return {**paths, "rm": str(root / "rm")}
 
 
 def _module(stages: dict[str, str], **overrides) -> PPO:
