@@ -80,6 +80,11 @@ class Family:
         return "".join(out)
 
     @property
+    def restates_slots(self) -> bool:
+        """Whether the preferred sentence copies any of the question's slots (so that it can restate it wrongly)."""
+        return bool(set(re.findall(r"\{(\w+)\}", self.sentence)) - {"answer"})
+
+    @property
     def question_regex(self) -> re.Pattern[str]:
         return re.compile(self._pattern(self.question, answer=False) + "$", re.MULTILINE)
 
@@ -94,18 +99,23 @@ def _spaced(items) -> str:
     return " ".join(str(x) for x in items)
 
 
+# The letter families' sentences restate the question without copying its letters: the embedded base cannot copy
+# a list of letters (seed 42's SFT policy, sampled 8 times at temperature 0.7 on the held-out prompts, restated
+# 0 of its ~70 count sentences "N letters are in q w e r." with the right letters, against 73% of its max
+# sentences with the right digits: docs/rlhf.md), so a letter-copying sentence would be a preference no policy
+# of this base can reach.
 FAMILIES: dict[str, Family] = {f.task: f for f in (
     Family("add", "What is {a} + {b}?", "{answer} is the sum of {a} and {b}.", {"a": _NUMBER, "b": _NUMBER},
            lambda v: str(int(v["a"]) + int(v["b"]))),
     Family("successor", "What number comes after {n}?", "{answer} comes after {n}.", {"n": _NUMBER},
            lambda v: str(int(v["n"]) + 1)),
-    Family("reverse", "Reverse the letters: {src}", "{answer} is {src} backwards.", {"src": _LETTERS},
+    Family("reverse", "Reverse the letters: {src}", "{answer} is the letters backwards.", {"src": _LETTERS},
            lambda v: _spaced(reversed(v["src"].split()))),
     Family("sort", "Sort the digits: {src}", "{answer} is {src} sorted.", {"src": _DIGITS},
            lambda v: _spaced(sorted(v["src"].split()))),
     Family("max", "What is the largest of {src}?", "{answer} is the largest of {src}.", {"src": _DIGITS},
            lambda v: str(max(int(x) for x in v["src"].split()))),
-    Family("count", "How many letters are in: {src}", "{answer} letters are in {src}.", {"src": _LETTERS},
+    Family("count", "How many letters are in: {src}", "{answer} is the number of letters.", {"src": _LETTERS},
            lambda v: str(len(v["src"].split()))),
 )}
 _QUESTIONS = [(f, f.question_regex) for f in FAMILIES.values()]
@@ -282,12 +292,15 @@ def misstated(question: Question, rng: random.Random) -> Question:
 def gold_pair_records(facts: Sequence[Fact], seed: int, kinds: Sequence[str] = PAIR_KINDS) -> list[dict]:
     """Preference pairs labelled by the gold judge: for each fact, one pair of each of ``kinds`` (Alpaca fields
     ``instruction``, ``input``, ``chosen``, ``rejected``, plus ``task`` and ``kind``); ``chosen`` is the response the
-    judge ranks higher."""
+    judge ranks higher. ``restatement`` pairs are made only for the families whose sentence copies the question
+    (add, successor, sort, max)."""
     rng = random.Random(seed)
     records = []
     for fact in facts:
         question = _question(fact)
         for kind in kinds:
+            if kind == "restatement" and not FAMILIES[question.task].restates_slots:
+                continue  # a sentence that copies nothing from the question cannot restate it wrongly
             first, second = _pair(kind, question, near_miss(fact, rng), rng)
             ranks = gold_rank(fact.question, first), gold_rank(fact.question, second)
             if ranks[0] == ranks[1]:

@@ -51,6 +51,10 @@ class PreferenceLossSettings:
     label_smoothing: float = 0.0
     # 0.5: TRL's CPOConfig default for SimPO's target reward margin (used by `simpo` only).
     simpo_gamma: float = 0.5
+    # 0: the preference loss alone. > 0 adds this weight x the chosen responses' mean token NLL (RPO, Pang et al.
+    # 2024; TRL's `loss_type=[..., "sft"]` with `loss_weights`): it keeps the chosen answers likely while the
+    # margin grows, against DPO's known fall of both log-probs ("likelihood displacement") that costs correctness.
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -59,6 +63,8 @@ class PreferenceLossSettings:
             raise ConfigError(f"beta: must be > 0 (got {self.beta})")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must lie in [0, 0.5) (got {self.label_smoothing})")
+        if not self.sft_weight >= 0:
+            raise ConfigError(f"sft_weight: must be >= 0 (got {self.sft_weight})")
         if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
             raise ConfigError(f"label_smoothing: {self.loss_type} has none; set it to 0 "
                               "(it applies to sigmoid, robust and simpo)")
@@ -227,6 +233,12 @@ class PreferenceOutput:
     rejected_rewards: torch.Tensor  # (B,)
 
 
+def sft_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """The chosen responses' negative log-likelihood per token, over every chosen token of the batch (TRL's
+    ``"sft"`` loss type: the mean over tokens, not over pairs)."""
+    return -_f(chosen_logps).sum() / _f(chosen_lengths).sum().clamp(min=1.0)
+
+
 def preference_loss(settings: PreferenceLossSettings, policy_chosen_logps: torch.Tensor,
                     policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None = None,
                     ref_rejected_logps: torch.Tensor | None = None, chosen_lengths: torch.Tensor | None = None,
@@ -235,13 +247,16 @@ def preference_loss(settings: PreferenceLossSettings, policy_chosen_logps: torch
 
     Rewards: ``beta * (policy_logps - ref_logps)`` (DPO's implicit reward, TRL's ``rewards/*``); for SimPO,
     which has no reference, ``beta * policy_logps / length`` (the paper's reward, TRL's CPOTrainer's).
-    Reference log-probs are required unless the loss is reference-free; lengths for ``ipo`` and ``simpo``.
+    Reference log-probs are required unless the loss is reference-free; lengths for ``ipo`` and ``simpo``, and
+    for ``settings.sft_weight > 0``, which adds that weight x :func:`sft_loss` to the mean loss.
     """
     kind, beta, eps = settings.loss_type, settings.beta, settings.label_smoothing
     if settings.needs_reference and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"loss_type {kind!r} needs the reference log-probs")
     if kind in LENGTH_NORMALISED and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss_type {kind!r} needs the response lengths")
+    if settings.sft_weight and chosen_lengths is None:
+        raise ValueError("sft_weight > 0 needs the chosen responses' lengths")
     if kind == "simpo":
         losses = simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta,
                             settings.simpo_gamma, eps)
@@ -259,7 +274,10 @@ def preference_loss(settings: PreferenceLossSettings, policy_chosen_logps: torch
             losses = hinge_loss(delta, beta)
         else:  # ipo
             losses = ipo_loss(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths, beta)
-    return PreferenceOutput(losses.mean(), losses, beta * chosen_scores.detach(), beta * rejected_scores.detach())
+    loss = losses.mean()
+    if settings.sft_weight:
+        loss = loss + settings.sft_weight * sft_loss(policy_chosen_logps, chosen_lengths)
+    return PreferenceOutput(loss, losses, beta * chosen_scores.detach(), beta * rejected_scores.detach())
 
 
 def preference_metrics(output: PreferenceOutput, policy_chosen_logps: torch.Tensor,

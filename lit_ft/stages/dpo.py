@@ -93,6 +93,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
             :class:`lit_ft.losses.preference.PreferenceLossSettings`).
         label_smoothing: probability that a pair's label is flipped (0: trusted labels).
         simpo_gamma: SimPO's target reward margin (0.5: TRL's CPOConfig default).
+        sft_weight: weight of the chosen responses' token NLL added to the loss (RPO; 0: none).
         precompute_ref_log_probs: compute the reference's log-probs of every training pair once before training
             and keep them with the run (False: the reference runs beside the policy at every step, as TRL's default).
         optimizer: callable making the optimiser from the policy adapter's parameters.
@@ -117,6 +118,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        sft_weight: float = 0.0,
         precompute_ref_log_probs: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = WarmupCosine,
@@ -128,7 +130,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         check_reference(reference)
-        self.loss = PreferenceLossSettings(loss_type, beta, label_smoothing, simpo_gamma)  # ConfigError when invalid
+        self.loss = PreferenceLossSettings(loss_type, beta, label_smoothing, simpo_gamma, sft_weight)  # ConfigError when invalid
         if reference == "adapter" and reference_adapter is None and policy_adapter is None:
             raise ConfigError("reference: adapter needs model.reference_adapter (or a policy_adapter); with a fresh "
                               "policy set reference: base")

@@ -1,6 +1,7 @@
 """The embedded world as a record source: each stage config gives exactly the records, token rows and held-out
 prompts it gave before the data layer was restructured (pinned from the code of commit 6dea0a6; SFT and RM
-re-pinned for issue 16's styled demonstrations and gold-labelled pairs); near misses,
+re-pinned for issue 16's styled demonstrations and gold-labelled pairs, and again when the letter families'
+preferred sentences stopped copying the letters); near misses,
 task families, and one world behind every shape."""
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ PINNED = {
         "heldout": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
     "sft": {  # issue 16: demonstrations in the answer styles of lit_ft.data.gold; held-out references bare
-        "train": (2000, "603ec1ef4b365098", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max", "style": "bare"}),
-        "val": (200, "8935aeea15fd3d85", {"instruction": "What number comes after 1?", "input": "", "output": "Answer: 2", "task": "successor", "style": "label"}),
+        "train": (2000, "8b4e5feb4cb06f56", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max", "style": "bare"}),
+        "val": (200, "3ce1cd0234df7264", {"instruction": "What number comes after 1?", "input": "", "output": "Answer: 2", "task": "successor", "style": "label"}),
         "heldout": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
     "rm": {  # issue 16: gold-labelled pairs, one of each kind (style, correctness, cross) per fact
-        "train": (15234, "8174f0942d569ed3", {"instruction": "What is the largest of 6 7 7?", "input": "", "chosen": "7 is the largest of 6 7 7.", "rejected": "7", "task": "max", "kind": "style"}),
-        "val": (600, "f16cb25138b508c1", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
-        "heldout": (200, "409abc798d9e6a55", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
+        "train": (15234, "4652c653ec38c9d6", {"instruction": "What is the largest of 6 7 7?", "input": "", "chosen": "7 is the largest of 6 7 7.", "rejected": "7", "task": "max", "kind": "style"}),
+        "val": (600, "31425f8892796bb2", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
+        "heldout": (200, "fd9bba86d8e1fa93", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
     },
     "ppo": {
         "train": (2535, "5d0fa0fb13d18fa0", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max"}),
@@ -90,8 +91,8 @@ def test_stage_configs_give_the_pinned_records(stage: str) -> None:
 # stage -> (rows of the training dataset, their hash), (held-out prompts, hash of text/ids/reference), checkable
 PINNED_TOKENS = {
     "pretrain": ((657, "9711cb1377edf4de"), (200, "2bb1f9cb09c90fdd"), True),
-    "sft": ((206, "fe10069cb2428452"), (200, "2bb1f9cb09c90fdd"), True),
-    "rm": ((15234, "a2c36a963136d234"), None, False),
+    "sft": ((205, "f24f62676f3662e9"), (200, "2bb1f9cb09c90fdd"), True),
+    "rm": ((15234, "86e914e5b20d0128"), None, False),
     "ppo": ((2535, "2c748931b14373c0"), (200, "2bb1f9cb09c90fdd"), True),
 }
 PINNED_PPO_TASKS = "d92128828d50f5fe"  # the task family of each held-out prompt

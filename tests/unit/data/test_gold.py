@@ -36,8 +36,9 @@ CASES = [
         ("42 comes after 41.", 2), ("42", 1), ("Answer: 42.", 1), ("43 comes after 41.", 0), ("41", 0),
         ("Answer: 40", 0)]),
     ("Reverse the letters: c a t", "t a c", [
-        ("t a c is c a t backwards.", 2), ("t a c", 1), ("Answer: t a c", 1), ("t c a is c a t backwards.", 0),
-        ("c a t", 0), ("Answer: tac", 0)]),
+        ("t a c is the letters backwards.", 2), ("t a c", 1), ("Answer: t a c", 1),
+        ("t c a is the letters backwards.", 0), ("t a c is the letters backwards", 1), ("c a t", 0),
+        ("Answer: tac", 0)]),
     ("Sort the digits: 3 1 2", "1 2 3", [
         ("1 2 3 is 3 1 2 sorted.", 2), ("1 2 3", 1), ("Answer: 1 2 3", 1), ("1 3 2 is 3 1 2 sorted.", 0),
         ("3 2 1", 0), ("Answer: 2 1 3", 0)]),
@@ -45,8 +46,8 @@ CASES = [
         ("9 is the largest of 5 9 2.", 2), ("9", 1), ("Answer: 9", 1), ("5 is the largest of 5 9 2.", 0),
         ("8", 0), ("Answer: 10", 0), ("9 is the largest of 5 9 2.\n3 is the largest of 1 2 3.", 2)]),
     ("How many letters are in: q w e r", "4", [
-        ("4 letters are in q w e r.", 2), ("4", 1), ("Answer: 4", 1), ("5 letters are in q w e r.", 0), ("3", 0),
-        ("Answer: four", 0), ("4 letters are in q w e.", 1)]),
+        ("4 is the number of letters.", 2), ("4", 1), ("Answer: 4", 1), ("5 is the number of letters.", 0),
+        ("3", 0), ("Answer: four", 0), ("4 is the number of letters", 1), ("4 letters are in q w e r.", 0)]),
 ]
 
 
@@ -143,3 +144,5 @@ def test_restatement_pairs_contrast_a_faithful_sentence_with_a_misstated_one() -
         assert (gold_rank(r["instruction"], r["chosen"]), gold_rank(r["instruction"], r["rejected"])) == (2, 1), r
         assert response_style(r["rejected"]) == "sentence" and r["chosen"] != r["rejected"]
         assert exact_match(r["rejected"], r["chosen"])  # the same answer: only the restatement differs
+    # only the families whose sentence copies the question (count's and reverse's copy no letters)
+    assert {r["task"] for r in records} == {"add", "successor", "sort", "max"}

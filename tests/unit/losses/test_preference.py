@@ -20,6 +20,7 @@ from lit_ft.losses.preference import (
     robust_loss,
     sequence_logps,
     sequence_logps_from_hidden,
+    sft_loss,
     sigmoid_loss,
     simpo_loss,
 )
@@ -173,6 +174,21 @@ def test_preference_loss_means_pairs_and_gives_rewards_and_trl_metrics() -> None
                                      "rewards/margins": 0.0, "logps/chosen": -2.5, "logps/rejected": -3.0})
 
 
+def test_sft_weight_adds_the_chosen_token_nll_over_the_batch_tokens() -> None:
+    # two pairs: chosen log-probs -6 over 3 tokens and -2 over 1 token: NLL per token (6 + 2) / 4 = 2
+    chosen, rejected, lengths = torch.tensor([-6.0, -2.0]), torch.tensor([-7.0, -1.0]), torch.tensor([3.0, 1.0])
+    assert float(sft_loss(chosen, lengths)) == pytest.approx(2.0)
+    ref = torch.tensor([-6.0, -2.0]), torch.tensor([-6.0, -2.0])
+    plain = preference_loss(PreferenceLossSettings(beta=1.0), chosen, rejected, *ref, lengths, lengths)
+    rpo = preference_loss(PreferenceLossSettings(beta=1.0, sft_weight=0.5), chosen, rejected, *ref, lengths, lengths)
+    # delta = (0 - (-1), 0 - 1) = (1, -1): mean of softplus(-1) and softplus(1) is (0.3133 + 1.3133) / 2
+    assert float(plain.loss) == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2, abs=1e-6)
+    assert float(rpo.loss) == pytest.approx(float(plain.loss) + 0.5 * 2.0, abs=1e-6)
+    assert torch.equal(rpo.losses, plain.losses)  # the per-pair preference losses are unchanged
+    with pytest.raises(ValueError, match="lengths"):
+        preference_loss(PreferenceLossSettings(sft_weight=1.0), chosen, rejected, *ref)
+
+
 def test_simpo_needs_no_reference_and_rewards_the_average_log_prob() -> None:
     settings = PreferenceLossSettings(loss_type="simpo", beta=2.0, simpo_gamma=1.0)
     assert not settings.needs_reference
@@ -192,6 +208,7 @@ def test_missing_reference_or_lengths_is_a_bug_not_a_silent_zero() -> None:
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"loss_type": "kto"}, "loss_type"),
     ({"beta": 0.0}, "beta"),
+    ({"sft_weight": -1.0}, "sft_weight"),
     ({"label_smoothing": 0.5}, "label_smoothing"),
     ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing"),
     ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing"),
@@ -262,17 +279,21 @@ def _lit_ft_loss(settings: PreferenceLossSettings, rows, label_rows) -> list[tup
 
 # betas that put beta * delta near 1 on these models (IPO: a target 1 / (2 beta) of 1, so that the float32 loss
 # is O(1) and 1e-5 is well above its rounding)
-@pytest.mark.parametrize(("loss_type", "beta", "label_smoothing"), [
-    ("sigmoid", 1.0, 0.0), ("hinge", 1.0, 0.0), ("ipo", 0.5, 0.0), ("robust", 1.0, 0.1),
+@pytest.mark.parametrize(("loss_type", "beta", "label_smoothing", "sft_weight"), [
+    ("sigmoid", 1.0, 0.0, 0.0), ("hinge", 1.0, 0.0, 0.0), ("ipo", 0.5, 0.0, 0.0), ("robust", 1.0, 0.1, 0.0),
+    ("sigmoid", 1.0, 0.0, 0.5),  # RPO: TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, 0.5]
 ])
 def test_loss_equals_trl_dpo_trainer(tokenizer, tmp_path, loss_type: str, beta: float,
-                                     label_smoothing: float) -> None:
-    """Every loss_type TRL 1.16's DPOTrainer also has: its loss and TRL-named metrics, to 1e-5."""
+                                     label_smoothing: float, sft_weight: float) -> None:
+    """Every loss_type TRL 1.16's DPOTrainer also has (and its "sft" term): its loss and TRL-named metrics, to
+    1e-5."""
     _trl()
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path), loss_type=[loss_type], beta=beta, label_smoothing=label_smoothing,
+    weights = {"loss_type": [loss_type, "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {
+        "loss_type": [loss_type]}
+    args = DPOConfig(output_dir=str(tmp_path), **weights, beta=beta, label_smoothing=label_smoothing,
                      per_device_train_batch_size=len(PAIRS["prompt"]), precompute_ref_log_probs=False,
                      use_cpu=True, bf16=False, report_to=[], seed=0)
     trainer = DPOTrainer(model=_sharp_model(POLICY_SEED), ref_model=_sharp_model(REFERENCE_SEED),
@@ -288,7 +309,8 @@ def test_loss_equals_trl_dpo_trainer(tokenizer, tmp_path, loss_type: str, beta: 
         for e in examples:
             rows.append(e["prompt_ids"] + e[side])
             label_rows.append([IGNORE_INDEX] * len(e["prompt_ids"]) + e[side])
-    settings = PreferenceLossSettings(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing)
+    settings = PreferenceLossSettings(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                                      sft_weight=sft_weight)
     for loss, metrics in _lit_ft_loss(settings, rows, label_rows):
         assert abs(float(loss) - float(trl_loss)) < 1e-5, (float(loss), float(trl_loss))
         # to 1e-5, or 1e-6 relative for the summed log-probs (O(100) here: two float32 summation orders)
