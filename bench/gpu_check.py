@@ -195,9 +195,9 @@ def stage_commands(size: str, model_dir: Path, data: dict[str, Path], gpu: bool)
     ppo = recipe_command(PPO) + common + [
         f"--data.init_args.source={data['ppo']}", "--data.init_args.val_source=null",
         "--data.init_args.val_split_fraction=0.1", f"--data.init_args.micro_batch_size={s.ppo_prompts}",
-        f"--model.init_args.minibatch_size={s.ppo_prompts}", "--model.init_args.ppo_epochs=1",
-        f"--model.init_args.max_new_tokens={s.new_tokens}", "--model.init_args.num_eval=4",
-        "--model.init_args.eval_batch_size=4", "--trainer.max_steps=1"]  # one rollout, one update
+        f"--model.init_args.ppo.minibatch_size={s.ppo_prompts}", "--model.init_args.ppo.epochs=1",
+        f"--model.init_args.sampling.max_new_tokens={s.new_tokens}", "--model.init_args.evaluation.num_prompts=4",
+        "--model.init_args.evaluation.batch_size=4", "--trainer.max_steps=1"]  # one rollout, one update
     generate = ["generate", "--adapter", SFT_ADAPTER, "--prompt", "Describe the kalo of mine suta.", "--prompt",
                 "What is the ta of rivo?", "--max_new_tokens", str(s.new_tokens), "--no_stream"]
     return [("sft", sft), ("rm", rm), ("ppo", ppo), ("generate", generate)]

@@ -148,17 +148,21 @@ def run_lit_ft(setup: Setup) -> dict:
     import torch
 
     from lit_ft.backbone import Backbone, LoraSettings
+    from lit_ft.rl.kl import KLLossSettings
     from lit_ft.rl.rewards import ExactMatchReward
-    from lit_ft.stages.grpo import GRPO
+    from lit_ft.rl.rollout import SamplingSettings
+    from lit_ft.stages.grpo import GRPO, GRPOEvaluation, GRPOSettings
 
     L.seed_everything(setup.seed, verbose=False)
     dtype = "bfloat16" if setup.gpu else "float32"
     module = GRPO(
         backbone=Backbone(pretrained=setup.model_dir, dtype=dtype, compute_dtype=dtype,
                           lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")),
-        policy_adapter=None, rewards=[ExactMatchReward()], num_generations=setup.group, loss_type="dapo",
-        beta=0.0, num_iterations=1, temperature=setup.temperature, max_new_tokens=setup.max_new_tokens,
-        forward_batch_size=setup.micro_batch, num_eval=0, eval_kl=False,
+        policy_adapter=None, rewards=[ExactMatchReward()],
+        sampling=SamplingSettings(temperature=setup.temperature, max_new_tokens=setup.max_new_tokens),
+        grpo=GRPOSettings(num_generations=setup.group, loss_type="dapo", num_iterations=1,
+                          forward_batch_size=setup.micro_batch),
+        kl=KLLossSettings(beta=0.0), evaluation=GRPOEvaluation(num_prompts=0, kl=False),
         optimizer=lambda p: torch.optim.AdamW(p, lr=setup.lr, weight_decay=0.0),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
     )

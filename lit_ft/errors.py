@@ -27,3 +27,15 @@ class CheckpointError(UserError):
 
 class OutputError(UserError):
     """A place the run must write to that cannot take it: not writable, or too little free disk."""
+
+
+def check_choice(setting: str, value: object, choices: object) -> None:
+    """A string setting outside its choices (a ``Literal`` type or a tuple) is a one-line :class:`ConfigError`.
+
+    The command line checks ``Literal`` types itself; this catches a module or settings object built in Python.
+    """
+    allowed = tuple(getattr(choices, "__args__", choices))
+    if value not in allowed:
+        names = [repr(choice) for choice in allowed]
+        listed = " or ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise ConfigError(f"{setting} must be {listed}, got {value!r}")

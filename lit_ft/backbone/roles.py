@@ -1,5 +1,5 @@
 """The policy and reference roles on one base model, shared by the stages that train a policy against a reference
-(PPO, DPO).
+(PPO, DPO, GRPO: :class:`lit_ft.stages.policy_stage.PolicyStage` puts them on).
 
 * The **policy** is a trainable LoRA adapter named ``policy``: a copy of a saved adapter (the SFT output), or a
   fresh one on the base.
@@ -25,19 +25,17 @@ from torch import nn
 
 from lit_ft.backbone.adapters import add_adapter, load_adapter
 from lit_ft.backbone.builder import LoraSettings
-from lit_ft.errors import BackboneError, ConfigError
+from lit_ft.errors import BackboneError, ConfigError, check_choice
 
 log = logging.getLogger("lit_ft")
 
 POLICY, REFERENCE = "policy", "reference"
 Reference = Literal["base", "adapter"]
-REFERENCES: tuple[str, ...] = Reference.__args__
 
 
 def check_reference(reference: str) -> None:
     """A reference setting other than "base" or "adapter" is a one-line :class:`ConfigError`."""
-    if reference not in REFERENCES:
-        raise ConfigError(f"reference must be 'base' or 'adapter', got {reference!r}")
+    check_choice("reference", reference, Reference)
 
 
 def add_policy(model, policy_adapter: str | None, fresh: LoraSettings):

@@ -174,7 +174,7 @@ def is_own_checkpoint(trainer: L.Trainer, path: str | os.PathLike) -> bool:
 def check_between_rollouts(trainer: L.Trainer, updates_per_batch: int, made_of: str) -> None:
     """RL stages (PPO, GRPO) checkpoint between rollout batches only, where their state is whole: each checkpoint
     callback's ``every_n_train_steps`` must be a multiple of the optimizer updates one rollout batch makes
-    (``made_of`` names the product, e.g. "ppo_epochs x minibatches"). A one-line :class:`ConfigError` otherwise."""
+    (``made_of`` names the product, e.g. "ppo.epochs x minibatches"). A one-line :class:`ConfigError` otherwise."""
     for callback in trainer.checkpoint_callbacks:
         every = getattr(callback, "_every_n_train_steps", 0)
         if every and every % updates_per_batch:

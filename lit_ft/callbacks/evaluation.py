@@ -29,7 +29,8 @@ active (e.g. ``lambda: active_adapter(self.model, "policy")``), optionally one f
 a generation budget. None means "nothing to generate" (the reward model stage). A module without the method is
 evaluated as ``EvaluationRoles(pl_module.model, pl_module.tokenizer)``: its model as it is, no reference, no
 scorer (pre-training, SFT). PPO, DPO and GRPO implement it; they may also return the callback from
-``configure_callbacks`` with their own settings (PPO does, from ``num_eval`` and ``eval_batch_size``).
+``configure_callbacks`` with their own settings (PPO and GRPO do, from their ``evaluation`` group; DPO from
+``num_eval`` and ``eval_batch_size``).
 
 A data module offers a gold judge with a ``gold_judge`` attribute on its record source (``data.source``): an
 object with ``rank(prompt_text, response) -> int`` and ``top`` (the best rank), as
@@ -261,7 +262,7 @@ class GenerationTable(L.Callback):
     @classmethod
     def for_stage(cls, num_eval: int | None, batch_size: int, max_new_tokens: int) -> list[GenerationTable]:
         """The evaluation a stage returns from ``configure_callbacks`` with its own settings (PPO, DPO, GRPO:
-        ``num_eval``, ``eval_batch_size``, ``max_new_tokens``); it replaces a GenerationTable of the trainer's.
+        the number of prompts, the batch size, ``max_new_tokens``); it replaces a GenerationTable of the trainer's.
         ``num_eval`` None scores every held-out prompt; 0 turns the evaluation off."""
         if num_eval == 0:
             return []

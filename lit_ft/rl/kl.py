@@ -1,15 +1,18 @@
-"""KL to the reference: the per-token estimators and the controllers of the KL coefficient beta."""
+"""KL to the reference: the per-token estimators, the controllers of the KL coefficient beta, and the stages' KL
+settings (``model.kl``): in PPO's reward (:class:`KLRewardSettings`) or in GRPO's loss (:class:`KLLossSettings`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from lit_ft.errors import ConfigError, check_choice
 from lit_ft.rl.advantages import _f
 
 KLEstimator = Literal["k1", "k3"]
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS: tuple[str, ...] = KLEstimator.__args__
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -36,6 +39,9 @@ class FixedKLController:
             beta: KL penalty coefficient. 0.05 is TRL's ``PPOConfig.kl_coef`` default, a common starting point.
         """
         self.beta = float(beta)
+
+    def __repr__(self) -> str:
+        return f"FixedKLController(beta={self.beta})"
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """Does nothing: the coefficient is fixed."""
@@ -64,9 +70,13 @@ class AdaptiveKLController:
             raise ValueError(f"target must be > 0, got {target}")
         if horizon <= 0:
             raise ValueError(f"horizon must be > 0, got {horizon}")
-        self.beta = float(init_beta)
+        self.init_beta = self.beta = float(init_beta)
         self.target = float(target)
         self.horizon = int(horizon)
+
+    def __repr__(self) -> str:
+        """Its settings, not its moving beta: the run record compares settings on resume."""
+        return f"AdaptiveKLController(init_beta={self.init_beta}, target={self.target}, horizon={self.horizon})"
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """Move beta towards keeping ``current_kl`` at ``target``; ``n_steps`` = samples seen since last update."""
@@ -79,3 +89,50 @@ class AdaptiveKLController:
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         """Restores beta exactly; target/horizon come from the config and are kept as constructed."""
         self.beta = float(state_dict["beta"])
+
+
+@dataclass(frozen=True)
+class KLRewardSettings:
+    """The KL to the reference as a per-token penalty in the reward: PPO's ``model.kl`` (beta x KL per token is
+    subtracted from the reward before GAE, as InstructGPT and TRL do).
+
+    Args:
+        controller: the coefficient beta, fixed or adaptive (Ziegler et al. 2019). None: ``FixedKLController``
+            with beta 0.05, TRL's ``PPOConfig.kl_coef`` default.
+        estimator: "k1" (the log-ratio: unbiased, negative at some tokens; TRL's PPO default) or "k3" (never
+            negative, lower variance).
+    """
+
+    controller: FixedKLController | AdaptiveKLController | None = None
+    estimator: KLEstimator = "k1"
+
+    def __post_init__(self) -> None:
+        check_choice("model.kl.estimator", self.estimator, KLEstimator)
+
+    def make_controller(self) -> FixedKLController | AdaptiveKLController:
+        """The controller the stage updates (the given one, or a fixed beta of 0.05)."""
+        return self.controller or FixedKLController(0.05)
+
+
+@dataclass(frozen=True)
+class KLLossSettings:
+    """The KL to the reference as a term of the loss: GRPO's ``model.kl`` (beta x the per-token KL, reduced as the
+    policy loss is).
+
+    Args:
+        beta: its coefficient (0.0: TRL's default since DAPO and Dr. GRPO found it unneeded with verifiable rewards;
+            0 makes no reference pass at all; DeepSeekMath's GRPO used 0.04).
+        estimator: "k3" (GRPO's: never negative) or "k1".
+    """
+
+    beta: float = 0.0
+    estimator: KLEstimator = "k3"
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ConfigError(f"model.kl.beta must be >= 0, got {self.beta}")
+        check_choice("model.kl.estimator", self.estimator, KLEstimator)
+
+
+# Modules built in Python keep their settings (and a given controller) in their checkpoints' hyper-parameters.
+torch.serialization.add_safe_globals([KLRewardSettings, KLLossSettings, FixedKLController, AdaptiveKLController])

@@ -35,6 +35,37 @@ from lit_ft.rl.kv_cache import SamplerCache, new_cache
 if TYPE_CHECKING:
     from lit_ft.data.formats import Prompt
 
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How an RL stage samples its responses (``model.sampling`` of PPO and GRPO).
+
+    Args:
+        temperature: the policy samples from softmax(logits / temperature), and its log-probs (the ratio, the KL)
+            use the same division, so the policy gradient is the sampled distribution's (1.0: the model's own
+            distribution; the embedded configs use 0.7, since 1.0 samples junk from a tiny model's long tail).
+        top_p: nucleus sampling threshold (1.0: off, as TRL's PPO and GRPO defaults).
+        max_new_tokens: the longest response, also Dr. GRPO's length constant; a response cut here has no EOS
+            (16: short answers, cheap to sample on a CPU; the embedded configs set 20, the 7B recipes 128).
+        missing_eos_penalty: subtracted from the score of a response that ends without EOS, so that the policy
+            learns to stop (None: off; TRL's ``missing_eos_penalty``, off by default there too).
+        seed: seed of the sampling and minibatch generator, checkpointed for exact resume (None: the global seed
+            of ``seed_everything``, so that one seed sets the whole run).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    missing_eos_penalty: float | None = None
+    seed: int | None = None
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded with ``seed`` (the global seed when None)."""
+        return torch.Generator().manual_seed(torch.initial_seed() if self.seed is None else self.seed)
+
+
+torch.serialization.add_safe_globals([SamplingSettings])  # modules built in Python keep it in their checkpoints
+
 # Vocabulary entries per block of the two-level inverse CDF. 128: about sqrt(32k), so the per-block sums and the
 # one block's cumulative sum are both small; 32000 (Mistral) and 128256 (Llama 3) are multiples of it.
 CDF_BLOCK = 128

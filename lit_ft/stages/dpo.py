@@ -30,7 +30,6 @@ reference along each greedy answer. The adapter is exported to ``export_dir`` as
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +40,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lit_ft.backbone import (
-    Backbone,
-    BackboneModule,
-    LoraSettings,
-    active_adapter,
-    build_model,
-    decoder_and_head,
-)
+from lit_ft.backbone import Backbone, active_adapter, decoder_and_head
 from lit_ft.backbone.adapters import save_adapter
-from lit_ft.backbone.roles import (
-    POLICY,
-    Reference,
-    add_policy,
-    add_reference,
-    check_reference,
-    disable_dropout,
-    train_only,
-    warn_unmerged_reference,
-)
+from lit_ft.backbone.roles import POLICY, Reference
 from lit_ft.callbacks.evaluation import EvaluationRoles, GenerationTable
 from lit_ft.data.preference import pair_values
 from lit_ft.errors import ConfigError
@@ -70,13 +53,13 @@ from lit_ft.losses.preference import (
     preference_metrics,
     sequence_logps_from_hidden,
 )
-from lit_ft.stages.run_contract import CheckpointContract
-from lit_ft.stages.schedules import WarmupCosine, default_optimizer, lora_param_groups, optimizer_and_schedule
+from lit_ft.stages.policy_stage import PolicyStage
+from lit_ft.stages.schedules import WarmupCosine, default_optimizer
 
 CACHE_KEY = "dpo"  # the checkpoint key of the reference cache
 
 
-class DPO(CheckpointContract, BackboneModule, L.LightningModule):
+class DPO(PolicyStage):
     """DPO-family preference optimisation of a LoRA policy against a frozen reference, with exact resume.
 
     Args:
@@ -107,6 +90,7 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
     """
 
     stage = "dpo"
+    exported = "DPO policy adapter"
 
     def __init__(
         self,
@@ -127,41 +111,23 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
         max_new_tokens: int = 32,
         export_dir: str | None = None,
     ):
-        super().__init__()
+        super().__init__(backbone, policy_adapter, reference, optimizer, scheduler, export_dir)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        check_reference(reference)
-        self.loss = PreferenceLossSettings(loss_type, beta, label_smoothing, simpo_gamma, sft_weight)  # ConfigError when invalid
+        self.loss = PreferenceLossSettings(loss_type, beta, label_smoothing, simpo_gamma,
+                                           sft_weight)  # ConfigError when invalid
         if reference == "adapter" and reference_adapter is None and policy_adapter is None:
             raise ConfigError("reference: adapter needs model.reference_adapter (or a policy_adapter); with a fresh "
                               "policy set reference: base")
-        self.backbone = backbone or Backbone(lora=LoraSettings())
-        self.policy_adapter, self.reference = policy_adapter, reference
         self.reference_adapter = reference_adapter or policy_adapter
         self.precompute_ref_log_probs = precompute_ref_log_probs
-        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.num_eval, self.eval_batch_size, self.max_new_tokens = num_eval, eval_batch_size, max_new_tokens
-        self.export_dir = export_dir
-        self._tokenizer = None
-        self.model: nn.Module | None = None
-        self._reference_name: str | None = None
         self.ref_cache: torch.Tensor | None = None  # (pairs, 2) reference log-probs, in dataset order
 
     # ------------------------------------------------------------------ model
-    def configure_model(self) -> None:
-        """Build the base once and put the policy and reference roles on it (idempotent)."""
-        if self.model is not None:
-            return
-        model = build_model(dataclasses.replace(self.load_spec(), lora=None, init_adapter=None), self.tokenizer,
-                            device_map=self.quantized_device_map())
-        model, how = add_policy(model, self.policy_adapter, self.backbone.lora or LoraSettings())
-        rank_zero_only(print)(f"dpo: {how}")
-        warn_unmerged_reference("dpo", self.reference, self.policy_adapter)
-        model, self._reference_name = add_reference(model, self.reference, self.reference_adapter)
-        model.set_adapter(POLICY)
-        train_only(model, (POLICY,))  # PEFT's set_adapter also toggles requires_grad: set them once
-        disable_dropout(model)  # TRL's disable_dropout=True: the policy at step 0 equals the reference exactly
-        model.train()
-        self.model = model
+    def _add_roles(self, model: nn.Module) -> nn.Module:
+        """The reference beside the policy. Dropout goes with the roles (TRL's ``disable_dropout=True``): at step 0
+        the policy equals the reference exactly."""
+        return self._with_reference(model, self.reference_adapter).train()
 
     # ------------------------------------------------------------ forwards
     def pair_logps(self, batch: dict[str, torch.Tensor], adapter: str | None = POLICY
@@ -256,11 +222,8 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
     def evaluation_roles(self) -> EvaluationRoles:
         """The held-out evaluation's roles (:mod:`lit_ft.callbacks.evaluation`): the policy adapter, and the
         reference (the frozen SFT adapter, or the bare base) for the KL along each greedy answer."""
-        return EvaluationRoles(
-            self.model, self.tokenizer, policy=lambda: active_adapter(self.model, POLICY),
-            reference=lambda: active_adapter(self.model, self._reference_name),
-            names=("SFT policy" if self.policy_adapter else "start", f"{self.loss.loss_type} policy"),
-            max_new_tokens=self.max_new_tokens)
+        return self._evaluation_roles(("SFT policy" if self.policy_adapter else "start", f"{self.loss.loss_type} policy"),
+                                      self.max_new_tokens)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The held-out evaluation with DPO's settings (``num_eval``, ``eval_batch_size``); it replaces a
@@ -269,15 +232,6 @@ class DPO(CheckpointContract, BackboneModule, L.LightningModule):
 
     def on_train_start(self) -> None:
         self._prepare_reference_cache()
-
-    def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            print(f"lit_ft: saved the DPO policy adapter to {self.export(self.export_dir)}")
-
-    # ------------------------------------------------------------ optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
-        return optimizer_and_schedule(lora_param_groups(self, self.backbone.lora), self.optimizer_fn,
-                                      self.scheduler_fn, self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------ checkpoints, export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -175,7 +175,8 @@ def data_fields(datamodule: Any) -> dict[str, Any]:
 
 
 def _settings(module: Any) -> dict[str, Any]:
-    """The module's other settings (not the structural backbone fields, which have rules of their own)."""
+    """The module's other settings (not the structural backbone fields, which have rules of their own). A group
+    of settings (a dataclass such as PPO's ``sampling``) gives one field per setting: ``settings.sampling.top_p``."""
     hparams = _plain(dict(getattr(module, "hparams", {}) or {}))
     fields = {}
     for key, value in hparams.items():
@@ -186,7 +187,7 @@ def _settings(module: Any) -> dict[str, Any]:
                 if name not in ("pretrained", "tokenizer", "tiny", "lora"):
                     fields[f"settings.backbone.{name}"] = inner
             continue
-        fields[f"settings.{key}"] = value
+        fields.update(_flat(value, f"settings.{key}") if value else {f"settings.{key}": value})
     return fields
 
 

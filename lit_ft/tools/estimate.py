@@ -130,8 +130,8 @@ def setup_from_config(config: dict[str, Any], supervised_fraction: float | None 
     batch = int(_value(data, "micro_batch_size", default=4))
     if model_class.endswith("PPO"):
         prompt = int(_value(data, "max_prompt_length", default=256))
-        new = int(_value(model, "max_new_tokens", default=16))
-        setup.micro_batch_size = int(_value(model, "forward_batch_size", default=8))
+        new = int(_value(model, "sampling", "max_new_tokens", default=16))  # PPO's SamplingSettings default
+        setup.micro_batch_size = int(_value(model, "ppo", "forward_batch_size", default=8))  # PPOSettings default
         setup.seq_length, setup.packing, setup.supervised_fraction = prompt + new, False, 0.0
         setup.num_trainable_adapters, setup.head_params = 2, 0
         setup.num_frozen_adapters = (1 if _value(model, "reward_model") else 0) + (

@@ -24,7 +24,7 @@ def test_pretrain_sft_rm_ppo_pipeline(tmp_path, monkeypatch, capsys) -> None:
     assert (tmp_path / "artifacts" / "base" / "tiny-mistral" / "config.json").exists()
     _fit("sft.yaml", "--trainer.max_steps=250")
     _fit("rm.yaml", "--trainer.max_steps=300", "--trainer.val_check_interval=300")
-    _fit("ppo.yaml", "--trainer.max_steps=40", "--model.init_args.num_eval=60")
+    _fit("ppo.yaml", "--trainer.max_steps=40", "--model.init_args.evaluation.num_prompts=60")
     out = capsys.readouterr().out
     with capsys.disabled():
         print("\n".join(s for s in out.splitlines() if "exact match" in s or "pairwise accuracy" in s))

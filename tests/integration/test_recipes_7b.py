@@ -102,13 +102,14 @@ def test_each_7b_recipe_runs_two_steps_on_a_stand_in_and_the_tools_load_its_base
     _fit(SFT, base, f"--data.init_args.source={alpaca}", *small)
     _fit(RM, base, f"--data.init_args.source={hh}", f"--data.init_args.val_source={hh}", *small)
     _fit(PPO, base, f"--data.init_args.source={hh}", f"--data.init_args.val_source={hh}",
-         "--data.init_args.micro_batch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.minibatch_size=2",
-         "--model.init_args.forward_batch_size=2", "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2",
-         "--model.init_args.eval_batch_size=2")
+         "--data.init_args.micro_batch_size=4", "--model.init_args.ppo.epochs=1", "--model.init_args.ppo.minibatch_size=2",
+         "--model.init_args.ppo.forward_batch_size=2", "--model.init_args.sampling.max_new_tokens=8",
+         "--model.init_args.evaluation.num_prompts=2", "--model.init_args.evaluation.batch_size=2")
     _fit(GRPO, base, f"--data.init_args.source={hh}", f"--data.init_args.val_source={hh}",
-         "--data.init_args.micro_batch_size=2", "--model.init_args.num_generations=2",
-         "--model.init_args.minibatch_size=2", "--model.init_args.forward_batch_size=2",
-         "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2")
+         "--data.init_args.micro_batch_size=2", "--model.init_args.grpo.num_generations=2",
+         "--model.init_args.grpo.minibatch_size=2", "--model.init_args.grpo.forward_batch_size=2",
+         "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.evaluation.num_prompts=2",
+         "--model.init_args.evaluation.batch_size=2")
     _fit(DPO, base, f"--data.init_args.source={hh}", f"--data.init_args.val_source={hh}", *small,
          "--model.init_args.max_new_tokens=8", "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2")
     out = capsys.readouterr().out

@@ -147,9 +147,10 @@ def _grpo_config(base: str, run_dir: Path, max_steps: int, every: int, **trainer
         "backbone": config["model"]["init_args"]["backbone"], "policy_adapter": None, "reference": "base",
         "rewards": [{"class_path": "lit_ft.rl.rewards.ExactMatchReward"},
                     {"class_path": "lit_ft.rl.rewards.LengthPenalty", "init_args": {"per_token": 0.1}}],
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}, "num_generations": 4,
-        "num_iterations": 2, "minibatch_size": 16, "beta": 0.05, "temperature": 1.0, "max_new_tokens": 4,
-        "num_eval": 2, "eval_batch_size": 2, "export_dir": str(run_dir / "out")}}
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 4},
+        "grpo": {"num_generations": 4, "num_iterations": 2, "minibatch_size": 16}, "kl": {"beta": 0.05},
+        "evaluation": {"num_prompts": 2, "batch_size": 2}, "export_dir": str(run_dir / "out")}}
     return config
 
 

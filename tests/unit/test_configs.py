@@ -141,3 +141,39 @@ def test_fill_run_dir_keeps_a_logger_list_of_the_configs_own() -> None:
     settings = Namespace(run=Namespace(dir="runs/r", name=None), trainer=Namespace(logger=own))
     fill_run_dir(settings)
     assert settings.trainer.logger == own
+
+
+def test_rl_settings_are_typed_groups_that_compose_setting_by_setting(capsys) -> None:
+    """PPO's and GRPO's settings come in groups (sampling, ppo/grpo, kl, evaluation); a command-line override or an
+    overlay changes one setting of a group and keeps the rest, and the help shows each setting's type."""
+    ppo = resolved(config_command(ROOT / "configs" / "ppo.yaml") + ["--model.init_args.ppo.epochs=3"])["model"]
+    groups = ppo["init_args"]
+    assert {"sampling", "ppo", "kl", "evaluation"} <= set(groups)
+    assert not {"temperature", "ppo_epochs", "kl_estimator", "kl_controller", "num_eval"} & set(groups)
+    assert groups["ppo"]["epochs"] == 3 and groups["ppo"]["minibatch_size"] == 16  # the rest of ppo.yaml's group
+    recipe = resolved(config_command(ROOT / "configs" / "mistral7b_qlora_ppo.yaml"))["model"]["init_args"]
+    assert recipe["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128,
+                                  "missing_eos_penalty": 1.0, "seed": None}
+    assert recipe["ppo"]["epochs"] == 4 and recipe["ppo"]["value_clip_range"] == 0.2  # overlay + stage config
+    assert recipe["kl"]["controller"]["class_path"] == "lit_ft.rl.kl.AdaptiveKLController"
+    grpo = resolved(config_command(ROOT / "configs" / "mistral7b_qlora_grpo.yaml"))["model"]["init_args"]
+    assert grpo["kl"] == {"beta": 0.04, "estimator": "k3"} and grpo["grpo"]["loss_type"] == "dapo"
+    assert grpo["grpo"]["baseline"] == "group_mean" and grpo["evaluation"]["kl"] is True  # from grpo.yaml
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lit_ft.stages.ppo.PPO"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--model.kl.estimator {k1,k3}" in shown and "(type: Literal['k1', 'k3'], default: k1)" in shown
+    assert "--model.sampling.temperature TEMPERATURE" in shown and "(type: float, default: 1.0)" in shown
+
+
+@pytest.mark.parametrize("config, setting, wrong", [
+    ("ppo.yaml", "kl.estimator", "k2"), ("ppo.yaml", "value_init", "warm"), ("grpo.yaml", "grpo.loss_type", "ppo"),
+    ("grpo.yaml", "reference", "sft"),
+])
+def test_a_wrong_choice_is_one_line_and_exit_2(config: str, setting: str, wrong: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(config_command(ROOT / "configs" / config) + [f"--model.init_args.{setting}={wrong}", "--print_config"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"lit-ft: error: model.{setting}: Expected a typing.Literal[") and f"Got value: {wrong}" in err

@@ -15,8 +15,10 @@ from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.prompts import PromptDataModule
 from lit_ft.errors import ConfigError
 from lit_ft.rl.advantages import group_advantages
+from lit_ft.rl.kl import KLLossSettings
 from lit_ft.rl.rewards import ExactMatchReward, LengthPenalty
-from lit_ft.stages.grpo import GRPO
+from lit_ft.rl.rollout import SamplingSettings
+from lit_ft.stages.grpo import GRPO, GRPOEvaluation, GRPOSettings
 from tests.tiny_models import ROOT, StopAt, config_command
 from tests.tiny_runs import save_base_and_sft
 
@@ -27,12 +29,17 @@ def stages(tmp_path_factory, tokenizer) -> dict[str, str]:
     return save_base_and_sft(tmp_path_factory.mktemp("grpo_stages"), tokenizer)
 
 
-def _module(stages: dict[str, str], **overrides) -> GRPO:
+def _module(stages: dict[str, str], grpo: dict | None = None, kl: dict | None = None,
+            evaluation: dict | None = None, **overrides) -> GRPO:
+    """The test module; ``grpo``, ``kl`` and ``evaluation`` change single settings of those groups."""
     settings = {
         "backbone": Backbone(pretrained=stages["base"], lora=LoraSettings(r=4, alpha=8, dropout=0.0)),
         "policy_adapter": stages["sft"], "rewards": [ExactMatchReward(), LengthPenalty(0.1)],
-        "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2), "num_generations": 4, "max_new_tokens": 6,
-        "temperature": 1.0, "forward_batch_size": 8, "num_eval": 4, "eval_batch_size": 4, "sampling_seed": 3}
+        "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2),
+        "sampling": SamplingSettings(temperature=1.0, max_new_tokens=6, seed=3),
+        "grpo": GRPOSettings(**{"num_generations": 4, "forward_batch_size": 8, **(grpo or {})}),
+        "kl": KLLossSettings(**(kl or {})),
+        "evaluation": GRPOEvaluation(**{"num_prompts": 4, "batch_size": 4, **(evaluation or {})})}
     settings.update(overrides)
     return GRPO(**settings)
 
@@ -73,7 +80,7 @@ class _Rollouts(L.Callback):
 
 def test_one_rollout_and_update_changes_the_policy_adapter_only(stages) -> None:
     L.seed_everything(0)
-    module = _module(stages, eval_kl=False)
+    module = _module(stages, evaluation={"kl": False})
     seen = _Rollouts()
     trainer = _trainer(2, callbacks=[seen])
     trainer.fit(module, datamodule=_data())
@@ -119,7 +126,8 @@ def test_beta_zero_makes_no_reference_pass_and_beta_positive_does(stages, monkey
                                      (0.1, "base", False)):
         adapters.clear()
         L.seed_everything(0)
-        module = _module(stages, beta=beta, reference=reference, num_iterations=2, eval_kl=eval_kl)
+        module = _module(stages, kl={"beta": beta}, reference=reference, grpo={"num_iterations": 2},
+                         evaluation={"kl": eval_kl})
         seen = _Rollouts()
         trainer = _trainer(2, callbacks=[seen])
         trainer.fit(module, datamodule=_data())
@@ -142,8 +150,8 @@ def test_beta_zero_makes_no_reference_pass_and_beta_positive_does(stages, monkey
 
 def test_several_minibatches_and_iterations_count_as_updates(stages) -> None:
     L.seed_everything(0)
-    module = _module(stages, num_iterations=2, minibatch_size=8, loss_type="dapo", baseline="leave_one_out",
-                     scale_rewards="none")
+    module = _module(stages, grpo={"num_iterations": 2, "minibatch_size": 8, "loss_type": "dapo",
+                                   "baseline": "leave_one_out", "scale_rewards": "none"})
     trainer = _trainer(4)
     trainer.fit(module, datamodule=_data())
     assert trainer.global_step == 4  # one rollout batch of 16 responses: 2 iterations x 2 minibatches
@@ -153,14 +161,16 @@ def test_several_minibatches_and_iterations_count_as_updates(stages) -> None:
 def test_settings_are_checked_in_one_line(stages) -> None:
     with pytest.raises(ConfigError, match="needs a reward"):
         GRPO(policy_adapter=None, rewards=[])
-    with pytest.raises(ConfigError, match="num_generations must be at least 2"):
-        _module(stages, num_generations=1)
-    with pytest.raises(ConfigError, match="beta must be >= 0"):
-        _module(stages, beta=-0.1)
+    with pytest.raises(ConfigError, match="model.grpo.num_generations must be at least 2"):
+        _module(stages, grpo={"num_generations": 1})
+    with pytest.raises(ConfigError, match="model.kl.beta must be >= 0"):
+        _module(stages, kl={"beta": -0.1})
+    with pytest.raises(ConfigError, match="model.grpo.loss_type must be 'grpo', 'dapo' or 'dr_grpo', got 'ppo'"):
+        _module(stages, grpo={"loss_type": "ppo"})  # a Literal the command line checks; Python code gets this line
 
 
 def test_checkpoints_must_fall_between_rollout_batches(stages, tmp_path) -> None:
-    module = _module(stages, minibatch_size=8)
+    module = _module(stages, grpo={"minibatch_size": 8})
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=0)
     with pytest.raises(ConfigError, match="multiple of the 2 optimizer updates"):
         _trainer(4, callbacks=[ckpt], enable_checkpointing=True).fit(module, datamodule=_data())
@@ -169,7 +179,8 @@ def test_checkpoints_must_fall_between_rollout_batches(stages, tmp_path) -> None
 def _fit(tmp: Path, stages, max_steps: int, stop_at: int | None = None, ckpt_path: str | None = None
          ) -> tuple[GRPO, L.Trainer]:
     L.seed_everything(0)
-    module = _module(stages, beta=0.05, num_iterations=2, minibatch_size=8, export_dir=str(tmp / "out"))
+    module = _module(stages, kl={"beta": 0.05}, grpo={"num_iterations": 2, "minibatch_size": 8},
+                     export_dir=str(tmp / "out"))
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_train_steps=4,
                                                save_top_k=0)
     callbacks = [ckpt] + ([StopAt(stop_at)] if stop_at else [])
@@ -208,8 +219,8 @@ def test_grpo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     main(config_command(ROOT / "configs" / "grpo.yaml") + [
         f"--model.init_args.backbone.pretrained={stages['base']}",
-        f"--model.init_args.policy_adapter={stages['sft']}", "--model.init_args.num_eval=4",
-        "--model.init_args.num_generations=2", "--model.init_args.max_new_tokens=4",
+        f"--model.init_args.policy_adapter={stages['sft']}", "--model.init_args.evaluation.num_prompts=4",
+        "--model.init_args.grpo.num_generations=2", "--model.init_args.sampling.max_new_tokens=4",
         "--data.source.num_train=32", "--data.source.num_heldout=4", "--data.init_args.micro_batch_size=4",
         "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.callbacks=[]",
         "--trainer.enable_checkpointing=false"])

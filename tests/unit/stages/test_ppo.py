@@ -15,11 +15,12 @@ from lit_ft.data.embedded import EmbeddedWorld
 from lit_ft.data.prompts import LeftPadCollator, PromptDataModule
 from lit_ft.metrics import per_task_counts
 from lit_ft.padding import position_ids_from_mask
-from lit_ft.rl.kl import AdaptiveKLController
+from lit_ft.rl.kl import AdaptiveKLController, KLRewardSettings
 from lit_ft.rl.rewards import ExactMatchReward
-from lit_ft.rl.rollout import response_hidden, response_logits, sample, top_p_filter
-from lit_ft.stages.ppo import PPO, normalised_head_state
+from lit_ft.rl.rollout import SamplingSettings, response_hidden, response_logits, sample, top_p_filter
+from lit_ft.stages.ppo import PPO, PPOSettings, normalised_head_state
 from lit_ft.stages.reward_model import RewardModel
+from lit_ft.stages.rollout_stage import EvaluationSettings
 from tests.tiny_models import (
     ROOT,
     StopAt,
@@ -48,8 +49,10 @@ def _module(stages: dict[str, str], **overrides) -> PPO:
     settings = {
         "backbone": Backbone(pretrained=stages["base"], lora=LoraSettings(r=4, alpha=8, dropout=0.0)),
         "policy_adapter": stages["sft"], "reward_model": stages["rm"], "rewards": [ExactMatchReward()],
-        "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2), "max_new_tokens": 6, "ppo_epochs": 2, "minibatch_size": 4,
-        "forward_batch_size": 2, "num_eval": 4, "eval_batch_size": 4, "sampling_seed": 3}
+        "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2),
+        "sampling": SamplingSettings(max_new_tokens=6, missing_eos_penalty=1.0, seed=3),
+        "ppo": PPOSettings(epochs=2, minibatch_size=4, forward_batch_size=2),
+        "evaluation": EvaluationSettings(num_prompts=4, batch_size=4)}
     settings.update(overrides)
     return PPO(**settings)
 
@@ -130,8 +133,8 @@ def test_reference_logprobs_equal_the_base_model_without_adapters(stages, tokeni
     response = torch.tensor([[330, 2, 0], [28705, 28740, 2]])
     response_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     with torch.no_grad():
-        ref = module._policy_logits(query, query_mask, response, response_mask, adapter=None)
-        policy = module._policy_logits(query, query_mask, response, response_mask)
+        ref = module._logits(query, query_mask, response, response_mask, adapter=None)
+        policy = module._logits(query, query_mask, response, response_mask)
         ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
         expected = base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     expected = expected[:, query.shape[1] - 1:-1]
@@ -175,7 +178,7 @@ def test_one_rollout_and_update_changes_only_policy_and_value(stages, tmp_path) 
 def _fit(tmp: Path, stages, max_steps: int, stop_at: int | None = None, ckpt_path: str | None = None,
          **overrides) -> tuple[PPO, L.Trainer]:
     L.seed_everything(0)
-    module = _module(stages, kl_controller=AdaptiveKLController(init_beta=0.1, target=1.0, horizon=100),
+    module = _module(stages, kl=KLRewardSettings(AdaptiveKLController(init_beta=0.1, target=1.0, horizon=100)),
                      export_dir=str(tmp / "out"), **overrides)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_train_steps=4,
                                                save_top_k=0)
@@ -224,6 +227,15 @@ def test_missing_policy_adapter_is_one_clear_error(stages, tmp_path) -> None:
         module.configure_model()
 
 
+def test_a_value_init_outside_its_choices_is_one_line() -> None:
+    from lit_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^model.value_init must be 'reward' or 'fresh', got 'warm'$"):
+        PPO(policy_adapter=None, reward_model=None, rewards=[ExactMatchReward()], value_init="warm")
+    with pytest.raises(ConfigError, match="^model.kl.estimator must be 'k1' or 'k3', got 'k2'$"):
+        KLRewardSettings(estimator="k2")
+
+
 # ---------------------------------------------------------------------------------------- configs, recipe
 def test_ppo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, capsys) -> None:
     from lit_ft.cli import main
@@ -232,7 +244,7 @@ def test_ppo_config_runs_end_to_end_shortened(stages, tmp_path, monkeypatch, cap
     main(config_command(ROOT / "configs" / "ppo.yaml") + [
         f"--model.init_args.backbone.pretrained={stages['base']}",
         f"--model.init_args.policy_adapter={stages['sft']}", f"--model.init_args.reward_model={stages['rm']}",
-        "--model.init_args.num_eval=4", "--data.source.num_train=32", "--data.source.num_heldout=4",
+        "--model.init_args.evaluation.num_prompts=4", "--data.source.num_train=32", "--data.source.num_heldout=4",
         "--data.init_args.micro_batch_size=16", "--trainer.max_steps=4", "--trainer.logger=false",
         "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
     out = capsys.readouterr().out
@@ -253,8 +265,8 @@ def test_7b_ppo_recipe_code_path_runs_on_local_stand_ins(stages, tmp_path, monke
     main(config_command(ROOT / "configs" / "mistral7b_qlora_ppo.yaml") + [
         f"--model.init_args.backbone.pretrained={stages['base']}",
         f"--model.init_args.policy_adapter={stages['sft']}", f"--model.init_args.reward_model={stages['rm']}",
-        "--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.max_new_tokens=4",
-        "--model.init_args.num_eval=2", "--model.init_args.eval_batch_size=2",
+        "--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.sampling.max_new_tokens=4",
+        "--model.init_args.evaluation.num_prompts=2", "--model.init_args.evaluation.batch_size=2",
         f"--data.init_args.source={data}", "--data.init_args.val_source=null",
         "--data.init_args.val_split_fraction=0.25", "--data.init_args.micro_batch_size=4",
         "--data.init_args.num_workers=0", "--trainer.max_steps=8"])

@@ -16,6 +16,7 @@ from lit_ft.stages.run_contract import (
     data_fields,
     read_checkpoint,
     rule_for,
+    run_record,
 )
 from lit_ft.stages.schedules import WarmupCosine, check_optimizer_settings, optimizer_and_schedule
 
@@ -50,6 +51,26 @@ def test_allowed_differences_are_logged_one_line_each_and_ignored_ones_are_silen
         "lora.sft.dropout", "data.micro_batch_size", "max_steps", "settings.export_dir"]
     assert all(line.startswith("lit_ft: resume: ") and "\n" not in line for line in lines)
     assert compare_records(SAVED, dict(SAVED), "last.ckpt") == []
+
+
+def test_a_settings_group_is_recorded_and_compared_setting_by_setting() -> None:
+    """PPO's typed groups (sampling, ppo, kl, evaluation) enter the run record one field per setting, so a resume
+    with one changed setting logs that setting alone."""
+    from lit_ft.rl.kl import AdaptiveKLController, KLRewardSettings
+    from lit_ft.rl.rewards import ExactMatchReward
+    from lit_ft.stages.ppo import PPO, PPOSettings
+
+    def record(**groups) -> dict:
+        module = PPO(policy_adapter=None, reward_model=None, rewards=[ExactMatchReward()], **groups)
+        return run_record(module, built=False)
+
+    saved = record(kl=KLRewardSettings(AdaptiveKLController(init_beta=0.1, target=1.0)))
+    assert saved["settings.ppo.clip_range"] == 0.2 and saved["settings.sampling.missing_eos_penalty"] == 1.0
+    assert saved["settings.kl.controller"] == "AdaptiveKLController(init_beta=0.1, target=1.0, horizon=10000)"
+    current = record(kl=KLRewardSettings(AdaptiveKLController(init_beta=0.1, target=1.0)),
+                     ppo=PPOSettings(clip_range=0.3))
+    assert compare_records(saved, current, "run/last.ckpt") == [
+        "lit_ft: resume: settings.ppo.clip_range: checkpoint 0.2, config 0.3 (the config's value is used)"]
 
 
 def test_first_refusal_in_rule_order_and_data_fields_of_one_side_count() -> None:
