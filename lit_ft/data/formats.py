@@ -114,14 +114,19 @@ def detect_prompt_format(record: dict, location: Location | None = None) -> str:
                     "'prompt' (the answer, 'output' or 'completion', may be left out)", location)
 
 
+def check_format_name(format: str, known: tuple[str, ...] = FORMATS, kind: str = "format") -> str:
+    """``format`` when it is "auto" or one of ``known``; otherwise a DataError naming the ``kind`` and the choices
+    (a data module checks its setting with it when built, :func:`resolve_format` each record's)."""
+    if format != "auto" and format not in known:
+        raise DataError(f"unknown {kind} '{format}' (expected auto, {', '.join(known)})")
+    return format
+
+
 def resolve_format(format: str, record: dict, location: Location | None = None, *,
                    known: tuple[str, ...] = FORMATS, detect=detect_format, kind: str = "format") -> str:
     """Validate an explicit format name (one of ``known``), or ``detect`` it from ``record`` when it is "auto"."""
-    if format == "auto":
-        return detect(record, location)
-    if format not in known:
-        raise DataError(f"unknown {kind} '{format}' (expected auto, {', '.join(known)})")
-    return format
+    check_format_name(format, known, kind)
+    return detect(record, location) if format == "auto" else format
 
 
 def string_field(record: dict, field: str, location: Location | None, *, required: bool = True,

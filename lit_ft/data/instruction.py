@@ -14,7 +14,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_ft.data.formats import FORMATS, IGNORE_INDEX, resolve_format, tokenize_record
-from lit_ft.data.mixing import MixSource, Stopping
+from lit_ft.data.mixing import MixSource, Stopping, check_sources
 from lit_ft.data.packing import (
     ExampleStore,
     PackedCollator,
@@ -26,7 +26,15 @@ from lit_ft.data.packing import (
     packed_stats,
     padded_stats,
 )
-from lit_ft.data.records import PAD_TO_MULTIPLE_OF, BuiltSplit, RecordsDataModule, RecordSource, progress
+from lit_ft.data.records import (
+    MIN_SEQ_LENGTH,
+    PAD_TO_MULTIPLE_OF,
+    BuiltSplit,
+    RecordsDataModule,
+    RecordSource,
+    at_least,
+    progress,
+)
 from lit_ft.data.sources import DataError, Location
 
 log = logging.getLogger("lit_ft")
@@ -48,27 +56,20 @@ class Tokenized:
 class InstructionDataModule(RecordsDataModule):
     """Loads, tokenizes, and packs (or pads) instruction data for supervised fine-tuning.
 
+    Takes the settings every data module shares (:class:`lit_ft.data.records.RecordsDataModule`: split,
+    val_source, val_split, val_split_fraction, subset, max_examples, chat_template, micro_batch_size (4: rows per
+    batch on each device), num_workers, seed) plus its own:
+
     Args:
         source: Local file (.json, .jsonl, .json.gz, .jsonl.gz, .parquet), datasets-loadable directory, hub dataset
             id such as ``tatsu-lab/alpaca``, or a record source (``lit_ft.data.embedded.EmbeddedWorld``: the
             embedded tasks, whose answers are exactly checkable).
         format: auto (detect from the first record's keys, then required of all), alpaca, chat, prompt_completion
             or text.
-        split: Split of a hub dataset or directory to train on (ignored for single files).
-        val_source: Separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
-        val_split_fraction: Fraction of the training records held out for validation (0 disables).
         max_seq_length: Longest sequence (packed row or single example) in tokens (512: the reference recipe's).
         packing: Pack several examples per row (position ids restart per example) instead of padding.
         overlong: What to do with examples longer than max_seq_length: truncate, drop, or error (stop
             before training at the first one, naming its file and line).
-        micro_batch_size: Rows per batch on each device.
-        num_workers: DataLoader worker processes (0 loads in the main process).
-        seed: Seed for the validation split and the per-epoch shuffle.
-        max_examples: Use only the first this many records of ``source`` (before the validation split).
-        chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces the built-in
-            Mistral-instruct template.
-        subset: Configuration name of a hub dataset.
-        val_split: Split of ``val_source`` to use (default: ``split``).
         skip_empty_responses: Skip records whose response is empty, counting them (real Alpaca has 2 in
             5000); False fails on the first one, naming its file, line and field.
         sources: Several sources mixed by weight instead of ``source`` (:class:`lit_ft.data.mixing.MixSource`:
@@ -78,39 +79,33 @@ class InstructionDataModule(RecordsDataModule):
     """
 
     shape = "instruction"
+    formats = FORMATS
 
     def __init__(
         self,
         source: str | RecordSource | None = None,
+        *,
         format: str = "auto",
-        split: str = "train",
-        val_source: str | None = None,
-        val_split_fraction: float = 0.05,
         max_seq_length: int = 512,
         packing: bool = True,
         overlong: str = "truncate",
-        micro_batch_size: int = 4,
-        num_workers: int = 0,
-        seed: int = 42,
-        max_examples: int | None = None,
-        chat_template: str | None = None,
-        subset: str | None = None,
-        val_split: str | None = None,
         skip_empty_responses: bool = True,
         sources: list[MixSource] | None = None,
         mix_stopping: Stopping = "first_exhausted",
+        **kwargs: Any,
     ):
-        super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
-                         val_split_fraction=val_split_fraction, subset=subset, max_examples=max_examples,
-                         chat_template=chat_template, micro_batch_size=micro_batch_size, num_workers=num_workers,
-                         seed=seed, sources=sources, mix_stopping=mix_stopping)
-        if format != "auto" and format not in FORMATS:
-            raise DataError(f"unknown format '{format}' (expected auto, {', '.join(FORMATS)})")
+        super().__init__(source=source, format=format, **kwargs)
+        if sources is not None:
+            if source is not None:
+                raise DataError("set data.source or data.sources, not both")
+            self.sources = check_sources(sources, FORMATS)
+            self.hparams["sources"] = [entry.describe() for entry in self.sources]
+        if mix_stopping not in ("first_exhausted", "all_exhausted"):
+            raise DataError(f"mix_stopping must be first_exhausted or all_exhausted, got '{mix_stopping}'")
+        self.mix_stopping = mix_stopping
         if overlong not in OVERLONG_CHOICES:
             raise DataError(f"overlong must be one of {', '.join(OVERLONG_CHOICES)}, got '{overlong}'")
-        if max_seq_length < 2:
-            raise DataError(f"max_seq_length must be >= 2, got {max_seq_length}")
-        self.max_seq_length = max_seq_length
+        self.max_seq_length = at_least("max_seq_length", max_seq_length, MIN_SEQ_LENGTH)
         self.packing = packing
         self.overlong = overlong
         self.skip_empty_responses = skip_empty_responses
@@ -175,50 +170,20 @@ class InstructionDataModule(RecordsDataModule):
 class PretrainDataModule(InstructionDataModule):
     """Raw-text pre-training: format forced to ``text`` (records need a ``text`` field), packed, loss on all.
 
+    The settings are :class:`InstructionDataModule`'s without ``format``, ``chat_template`` and
+    ``skip_empty_responses`` (a document has no prompt and no response): ``max_seq_length`` is the row length
+    (longer documents are truncated or dropped), ``packing`` packs several documents per row (the efficient
+    default for pre-training), and ``sources`` mixes several text sources by weight.
+
     Args:
         source: Local file, datasets-loadable directory or hub dataset id with a ``text`` field, or a record source
             (``lit_ft.data.embedded.EmbeddedWorld``: the embedded corpus).
-        split: Split of a hub dataset or directory to train on (ignored for single files).
-        val_source: Separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
-        val_split_fraction: Fraction of the training records held out for validation (0 disables).
-        max_seq_length: Row length in tokens; longer documents are truncated or dropped.
-        packing: Pack several documents per row (the efficient default for pre-training).
-        overlong: What to do with documents longer than max_seq_length: truncate or drop.
-        micro_batch_size: Rows per batch on each device.
-        num_workers: DataLoader worker processes (0 loads in the main process).
-        seed: Seed for the validation split and the per-epoch shuffle.
-        max_examples: Use only the first this many records of ``source``.
-        subset: Configuration name of a hub dataset.
-        val_split: Split of ``val_source`` to use (default: ``split``).
-        sources: Several text sources mixed by weight instead of ``source`` (see InstructionDataModule).
-        mix_stopping: When the mix of ``sources`` ends (see InstructionDataModule).
     """
 
     shape = "text"
 
-    def __init__(
-        self,
-        source: str | RecordSource | None = None,
-        split: str = "train",
-        val_source: str | None = None,
-        val_split_fraction: float = 0.05,
-        max_seq_length: int = 512,
-        packing: bool = True,
-        overlong: str = "truncate",
-        micro_batch_size: int = 4,
-        num_workers: int = 0,
-        seed: int = 42,
-        max_examples: int | None = None,
-        subset: str | None = None,
-        val_split: str | None = None,
-        sources: list[MixSource] | None = None,
-        mix_stopping: Stopping = "first_exhausted",
-    ):
-        super().__init__(source=source, format="text", split=split, val_source=val_source,
-                         val_split_fraction=val_split_fraction, max_seq_length=max_seq_length, packing=packing,
-                         overlong=overlong, micro_batch_size=micro_batch_size, num_workers=num_workers,
-                         seed=seed, max_examples=max_examples, chat_template=None, subset=subset,
-                         val_split=val_split, sources=sources, mix_stopping=mix_stopping)
+    def __init__(self, source: str | RecordSource | None = None, **kwargs: Any):
+        super().__init__(source=source, format="text", chat_template=None, skip_empty_responses=True, **kwargs)
 
 
 def _fail_on_overlong(examples: list[dict], locations: list[Location], max_seq_length: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +39,15 @@ from lit_ft.data.preference_formats import (
     tokenize_pair,
     truncate_pair,
 )
-from lit_ft.data.records import BuiltSplit, RecordsDataModule, RecordSource, progress
+from lit_ft.data.records import (
+    MIN_SEQ_LENGTH,
+    BuiltSplit,
+    Lengths,
+    RecordsDataModule,
+    RecordSource,
+    at_least,
+    progress,
+)
 from lit_ft.data.sources import DataError, Location
 from lit_ft.padding import pad_rows, position_ids_from_mask, round_up
 
@@ -85,12 +93,9 @@ class PairStats:
     too_long: int = 0  # dropped: the longer response does not fit max_seq_length
     prompts_cut: int = 0  # kept, with the prompt cut from the left
     with_margin: int = 0
-    prompt_mean: float = 0.0
-    prompt_max: int = 0
-    response_mean: float = 0.0
-    response_max: int = 0
-    sequence_mean: float = 0.0
-    sequence_max: int = 0
+    prompt: Lengths = field(default_factory=Lengths)  # token lengths of the kept pairs' prompts (after truncation)
+    response: Lengths = field(default_factory=Lengths)  # of their responses, chosen and rejected
+    sequence: Lengths = field(default_factory=Lengths)  # of prompt + response, chosen and rejected
 
     @property
     def examples(self) -> int:
@@ -102,25 +107,19 @@ class PairStats:
 
     def __str__(self) -> str:
         margin = f", {self.with_margin:,} with a margin" if self.with_margin else ""
-        return (f"{self.name}: {self.pairs:,} pairs from {self.records:,} records{margin}; tokens per sequence mean "
-                f"{self.sequence_mean:.1f}, max {self.sequence_max:,} (prompt mean {self.prompt_mean:.1f}, max "
-                f"{self.prompt_max:,}; response mean {self.response_mean:.1f}, max {self.response_max:,}); "
+        return (f"{self.name}: {self.pairs:,} pairs from {self.records:,} records{margin}; tokens per sequence "
+                f"{self.sequence} (prompt {self.prompt}; response {self.response}); "
                 f"prompts cut {self.prompts_cut:,}; dropped {self.identical:,} identical, {self.empty:,} empty, "
                 f"{self.too_long:,} too long")
 
 
 def pair_stats(name: str, records: int, pairs: Sequence[PreferencePair], **counts: int) -> PairStats:
     """Stats of the kept pairs (lengths after truncation) plus the drop counts."""
-    stats = PairStats(name=name, records=records, pairs=len(pairs), **counts)
-    if pairs:
-        prompts = [len(p.prompt_ids) for p in pairs]
-        responses = [len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
-        sequences = [n for p in pairs for n in (p.chosen_length, p.rejected_length)]
-        stats.with_margin = sum(p.margin != 0 for p in pairs)
-        stats.prompt_mean, stats.prompt_max = sum(prompts) / len(prompts), max(prompts)
-        stats.response_mean, stats.response_max = sum(responses) / len(responses), max(responses)
-        stats.sequence_mean, stats.sequence_max = sum(sequences) / len(sequences), max(sequences)
-    return stats
+    return PairStats(name=name, records=records, pairs=len(pairs), **counts,
+                     with_margin=sum(p.margin != 0 for p in pairs),
+                     prompt=Lengths.of([len(p.prompt_ids) for p in pairs]),
+                     response=Lengths.of([len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]),
+                     sequence=Lengths.of([n for p in pairs for n in (p.chosen_length, p.rejected_length)]))
 
 
 def build_pairs(records: Sequence[dict], locations: Sequence[Location], tokenizer: Any, format: str,
@@ -271,56 +270,39 @@ class PreferenceDataModule(RecordsDataModule):
     Batches hold B pairs as 2B rows (chosen rows, then rejected rows) with ``attention_mask``, ``position_ids``
     and ``margin``. The training order is a seeded shuffle that resumes exactly from a checkpoint.
 
+    Takes the settings every data module shares (:class:`lit_ft.data.records.RecordsDataModule`: split,
+    val_source, val_split (``test`` for ``Anthropic/hh-rlhf``), val_split_fraction, subset, max_examples (of
+    ``source``, or embedded training pairs), chat_template, num_workers, seed) plus its own:
+
     Args:
         source: local file (.json, .jsonl, .json.gz, .jsonl.gz, .parquet), datasets-loadable directory or hub id
             (e.g. ``Anthropic/hh-rlhf``), or a record source (``lit_ft.data.embedded.EmbeddedWorld``: pairs of the
             SFT facts, chosen the right answer, rejected a near miss; its ``pairs`` settings choose how many).
         format: auto (detect from the first record), alpaca, prompt, chat or hh.
-        split: split of a hub dataset or directory to train on.
-        val_source: separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
-        val_split: split of ``val_source`` (default: ``split``); ``test`` for ``Anthropic/hh-rlhf``.
-        val_split_fraction: fraction of ``source`` held out for validation when there is no ``val_source``.
         max_seq_length: longest sequence (prompt + one response) in tokens; prompts are cut from the left to fit
             (1024: HH conversations fit whole, with rare exceptions).
         padding_side: "right" (default) or "left"; the reward is read at each row's last real token either way.
         micro_batch_size: pairs per batch on each device (2x rows).
-        num_workers: DataLoader worker processes.
-        seed: seed of the validation split and the per-epoch shuffle.
-        max_examples: use only the first this many records of ``source`` (or embedded training pairs).
-        chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces ``[INST] ... [/INST]``.
-        subset: configuration name of a hub dataset.
     """
 
     shape = "preference"
+    formats = PREFERENCE_FORMATS
+    format_noun = "preference format"
 
     def __init__(
         self,
         source: str | RecordSource | None = None,
+        *,
         format: str = "auto",
-        split: str = "train",
-        val_source: str | None = None,
-        val_split: str | None = None,
-        val_split_fraction: float = 0.05,
         max_seq_length: int = 1024,
         padding_side: str = "right",
         micro_batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 42,
-        max_examples: int | None = None,
-        chat_template: str | None = None,
-        subset: str | None = None,
+        **kwargs: Any,
     ):
-        super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
-                         val_split_fraction=val_split_fraction, subset=subset, max_examples=max_examples,
-                         chat_template=chat_template, micro_batch_size=micro_batch_size, num_workers=num_workers,
-                         seed=seed)
-        if format != "auto" and format not in PREFERENCE_FORMATS:
-            raise DataError(f"unknown preference format '{format}' (expected auto, {', '.join(PREFERENCE_FORMATS)})")
+        super().__init__(source=source, format=format, micro_batch_size=micro_batch_size, **kwargs)
         if padding_side not in PADDING_SIDES:
             raise DataError(f"padding_side must be 'right' or 'left', got '{padding_side}'")
-        if max_seq_length < 2:
-            raise DataError(f"max_seq_length must be >= 2, got {max_seq_length}")
-        self.max_seq_length = max_seq_length
+        self.max_seq_length = at_least("max_seq_length", max_seq_length, MIN_SEQ_LENGTH)
         self.padding_side = padding_side
 
     @property
@@ -347,41 +329,25 @@ class PreferenceDataModule(RecordsDataModule):
         return PreferenceCollator(pad_token_id=self.pad_token_id(), padding_side=self.padding_side)
 
 
+# No line of the docstring below may start with a role such as ``:class:``: docstring_parser would read it as reST
+# and ``lit-ft fit --data.help`` would lose the argument descriptions.
 class DPODataModule(PreferenceDataModule):
-    """Preference pairs for DPO and its variants (IPO, hinge, robust, SimPO): the pairs of
-    :class:`PreferenceDataModule`, batched with their response ``labels`` and dataset ``index``.
+    """Preference pairs for DPO and its variants (IPO, hinge, robust, SimPO): the pairs of the reward model's
+    data module (:class:`PreferenceDataModule`), batched with their response ``labels`` and dataset ``index``.
 
     With ``packing`` (the default) a micro-batch of B pairs is one row, each pair's chosen and rejected side by
     side (:class:`PackedPairCollator`); without, 2B right-padded rows (:class:`PaddedPairCollator`). Either way
-    chosen and rejected go through the model in one forward pass. The arguments are
-    :class:`PreferenceDataModule`'s, without ``padding_side`` (log-probs do not depend on it), plus ``packing``.
+    chosen and rejected go through the model in one forward pass. The arguments are the reward model's (its
+    docstring documents ``source`` and ``format``), without ``padding_side`` (log-probs do not depend on it),
+    plus ``packing``.
 
     Args:
         packing: one packed row per micro-batch (True: no compute is spent on padding; pair it with
             ``attn_implementation: lit_ft_packed`` so that attention costs sum(L_i^2)), or padded rows.
     """
 
-    def __init__(
-        self,
-        source: str | RecordSource | None = None,
-        format: str = "auto",
-        split: str = "train",
-        val_source: str | None = None,
-        val_split: str | None = None,
-        val_split_fraction: float = 0.05,
-        max_seq_length: int = 1024,
-        packing: bool = True,
-        micro_batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 42,
-        max_examples: int | None = None,
-        chat_template: str | None = None,
-        subset: str | None = None,
-    ):
-        super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
-                         val_split_fraction=val_split_fraction, max_seq_length=max_seq_length,
-                         micro_batch_size=micro_batch_size, num_workers=num_workers, seed=seed,
-                         max_examples=max_examples, chat_template=chat_template, subset=subset)
+    def __init__(self, source: str | RecordSource | None = None, *, packing: bool = True, **kwargs: Any):
+        super().__init__(source=source, padding_side="right", **kwargs)
         self.packing = packing
 
     def collator(self) -> PackedPairCollator | PaddedPairCollator:

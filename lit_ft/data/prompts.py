@@ -12,7 +12,7 @@ generation continues) plus ``index``, the position of each prompt in :attr:`Prom
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from lit_ft.data.formats import Prompt
 from lit_ft.data.prompt_formats import PROMPT_FORMATS, cut_prompt, record_prompt, record_task
-from lit_ft.data.records import BuiltSplit, RecordsDataModule, RecordSource, progress
+from lit_ft.data.records import BuiltSplit, Lengths, RecordsDataModule, RecordSource, progress
 from lit_ft.data.sources import DataError, Location
 from lit_ft.padding import pad_rows
 
@@ -37,8 +37,7 @@ class PromptStats:
     prompts: int
     cut: int = 0  # kept, with the prompt cut from the left to max_prompt_length
     with_reference: int = 0
-    length_mean: float = 0.0
-    length_max: int = 0
+    lengths: Lengths = field(default_factory=Lengths)  # token lengths of the prompts, after the cut
 
     @property
     def examples(self) -> int:
@@ -49,8 +48,8 @@ class PromptStats:
         return self.records - self.prompts
 
     def __str__(self) -> str:
-        return (f"{self.name}: {self.prompts:,} prompts from {self.records:,} records; tokens mean "
-                f"{self.length_mean:.1f}, max {self.length_max:,}; cut from the left {self.cut:,}; "
+        return (f"{self.name}: {self.prompts:,} prompts from {self.records:,} records; tokens {self.lengths}; "
+                f"cut from the left {self.cut:,}; "
                 f"{self.with_reference:,} with a reference answer")
 
 
@@ -87,6 +86,10 @@ class PromptDataModule(RecordsDataModule):
     The training prompts are shuffled per epoch with a seeded generator and resume exactly from a checkpoint.
     The held-out prompts (:meth:`heldout`) are what the PPO module scores before and after training.
 
+    Takes the settings every data module shares (:class:`lit_ft.data.records.RecordsDataModule`: split,
+    val_source (separate held-out prompts), val_split, val_split_fraction, subset, max_examples, chat_template,
+    num_workers, seed) plus its own:
+
     Args:
         source: local file (.json, .jsonl, .json.gz, .parquet), datasets-loadable directory or hub id; instruction
             records (Alpaca, chat, prompt/completion), prompt-only records (``instruction`` or ``prompt`` alone) or
@@ -94,43 +97,24 @@ class PromptDataModule(RecordsDataModule):
             (``lit_ft.data.embedded.EmbeddedWorld``: the SFT tasks, whose answers are exactly checkable; its
             ``prompts`` settings choose the task families).
         format: auto (per record) or one of alpaca, chat, prompt_completion, prompt, hh.
-        split: split of a hub dataset or directory.
-        val_source: separate held-out prompts; when None, ``val_split_fraction`` of ``source`` is held out.
-        val_split: split of ``val_source`` (default: ``split``).
-        val_split_fraction: fraction of ``source`` held out when there is no ``val_source``.
         max_prompt_length: longer prompts lose tokens from the left, BOS kept (256: the embedded prompts are ~40).
         micro_batch_size: prompts per rollout batch on each device.
-        num_workers: DataLoader worker processes.
-        seed: seed of the validation split and of the per-epoch shuffle.
-        max_examples: use only the first this many training records.
-        chat_template: Jinja chat template overriding the tokenizer's; "builtin" forces ``[INST] ... [/INST]``.
-        subset: configuration name of a hub dataset.
     """
 
     shape = "prompt"
+    formats = PROMPT_FORMATS
+    format_noun = "prompt format"
 
     def __init__(
         self,
         source: str | RecordSource | None = None,
+        *,
         format: str = "auto",
-        split: str = "train",
-        val_source: str | None = None,
-        val_split: str | None = None,
-        val_split_fraction: float = 0.05,
         max_prompt_length: int = 256,
         micro_batch_size: int = 16,
-        num_workers: int = 0,
-        seed: int = 42,
-        max_examples: int | None = None,
-        chat_template: str | None = None,
-        subset: str | None = None,
+        **kwargs: Any,
     ):
-        super().__init__(source=source, format=format, split=split, val_source=val_source, val_split=val_split,
-                         val_split_fraction=val_split_fraction, subset=subset, max_examples=max_examples,
-                         chat_template=chat_template, micro_batch_size=micro_batch_size, num_workers=num_workers,
-                         seed=seed)
-        if format != "auto" and format not in PROMPT_FORMATS:
-            raise DataError(f"unknown prompt format '{format}' (expected auto, {', '.join(PROMPT_FORMATS)})")
+        super().__init__(source=source, format=format, micro_batch_size=micro_batch_size, **kwargs)
         if max_prompt_length < 2:
             raise DataError(f"max_prompt_length must be at least 2, got {max_prompt_length}")
         self.max_prompt_length = max_prompt_length
@@ -150,10 +134,9 @@ class PromptDataModule(RecordsDataModule):
             ids = cut_prompt(prompt.input_ids, self.max_prompt_length)
             cut += len(ids) < len(prompt.input_ids)
             prompts.append(Prompt(prompt.text, ids, prompt.reference))
-        lengths = [len(p.input_ids) for p in prompts]
         stats = PromptStats(name, len(records), len(prompts), cut=cut,
                             with_reference=sum(p.reference is not None for p in prompts),
-                            length_mean=sum(lengths) / max(1, len(lengths)), length_max=max(lengths, default=0))
+                            lengths=Lengths.of([len(p.input_ids) for p in prompts]))
         if name == "train" and not prompts:
             raise DataError(f"no usable prompts in {len(records)} records", self.source_label)
         return BuiltSplit(PromptDataset(prompts, [record_task(record) for record in records]), stats, self.format)

@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -29,13 +29,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_ft.data.formats import FORMATS, resolve_format
+from lit_ft.data.formats import check_format_name, resolve_format
 from lit_ft.data.heldout import HeldOutItem, heldout_items
 from lit_ft.data.mixing import (
     MixSource,
     SourceStats,
     Stopping,
-    check_sources,
     interleave,
     mix_report,
     probabilities,
@@ -54,6 +53,7 @@ log = logging.getLogger("lit_ft")
 
 PROGRESS_BAR_MIN_RECORDS = 10_000  # below this, tokenizing takes a second or two: no bar needed
 PAD_TO_MULTIPLE_OF = 8  # tensor-core friendly batch widths
+MIN_SEQ_LENGTH = 2  # the shortest sequence with something to predict: one token of context, one to learn
 EMBEDDED_LABEL = "<embedded data>"  # where errors about records from a record source say they are
 
 RecordShape = Literal["text", "instruction", "preference", "prompt"]
@@ -164,6 +164,13 @@ class ResumableDataLoader(DataLoader):
         self.sampler.load_state_dict(state)
 
 
+def at_least(name: str, value: int, minimum: int) -> int:
+    """``value``, or a DataError naming the setting when it is below ``minimum`` (the data modules' bounds)."""
+    if value < minimum:
+        raise DataError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def progress(records: list[dict], locations: list[Location], name: str) -> Iterator[tuple[dict, Location]]:
     """Pair records with locations, behind a progress bar for large sets (tokenizing 50k records takes a while)."""
     pairs = zip(records, locations)
@@ -175,6 +182,21 @@ def progress(records: list[dict], locations: list[Location], name: str) -> Itera
 
 
 # ------------------------------------------------------------------------------------------ the base module
+@dataclass(frozen=True)
+class Lengths:
+    """The mean and the longest of some token lengths, as a split's stats print them (0.0 and 0 for none)."""
+
+    mean: float = 0.0
+    max: int = 0
+
+    @classmethod
+    def of(cls, lengths: Sequence[int]) -> Lengths:
+        return cls(sum(lengths) / len(lengths), max(lengths)) if lengths else cls()
+
+    def __str__(self) -> str:
+        return f"mean {self.mean:.1f}, max {self.max:,}"
+
+
 @dataclass
 class BuiltSplit:
     """What :meth:`RecordsDataModule.build` makes of one split's records."""
@@ -187,18 +209,25 @@ class BuiltSplit:
 class RecordsDataModule(L.LightningDataModule):
     """Records from a file, hub dataset or record source; a validation split; a resumable seeded order.
 
-    Subclasses set ``shape`` (what they ask a record source for) and implement :meth:`build` and
-    :meth:`collator`. The tokenizer comes from :meth:`connect`; without it (a plain
-    ``trainer.fit(module, datamodule=dm)``), :meth:`setup` connects to the attached LightningModule's
+    Subclasses set ``shape`` (what they ask a record source for) and ``formats`` (the record formats they read),
+    and implement :meth:`build` and :meth:`collator`. The tokenizer comes from :meth:`connect`; without it (a
+    plain ``trainer.fit(module, datamodule=dm)``), :meth:`setup` connects to the attached LightningModule's
     ``tokenizer`` itself.
+
+    The settings below are the ones every data shape shares. A subclass spells out ``source`` and ``format``
+    (what they mean depends on its shape), its own settings, and the shared ones whose default differs for its
+    shape (``micro_batch_size``), keyword-only, and passes the rest on as ``**kwargs``: jsonargparse follows
+    ``super().__init__(**kwargs)``, so ``lit-ft fit --data.help CLASS`` and ``--print_config`` list every
+    setting with its type and default as if the subclass had spelled them all out. A mix of several sources
+    (``sources``, ``mix_stopping``) belongs to the subclass that tokenizes per source
+    (:class:`lit_ft.data.instruction.InstructionDataModule`).
 
     Args:
         source: Local file (.json, .jsonl, .json.gz, .jsonl.gz, .parquet), datasets-loadable directory, hub
             dataset id such as ``tatsu-lab/alpaca``, or a record source object (in YAML
             ``{class_path: lit_ft.data.embedded.EmbeddedWorld}``, the embedded world). Required: None fails at
             setup, naming the choices.
-        format: Record format of ``source``: "auto" detects it from the first record; the choices are the
-            subclass's.
+        format: Record format of ``source``: "auto" detects it from the first record, or one of ``formats``.
         split: Split of a hub dataset or directory to train on (ignored for single files).
         val_source: Separate validation data; when None, ``val_split_fraction`` of ``source`` is held out.
         val_split: Split of ``val_source`` to use (default: ``split``).
@@ -210,13 +239,11 @@ class RecordsDataModule(L.LightningDataModule):
         micro_batch_size: Rows (or pairs, or prompts) per batch on each device.
         num_workers: DataLoader worker processes (0 loads in the main process).
         seed: Seed of the validation split and the per-epoch shuffle.
-        sources: Several sources mixed by weight instead of ``source`` (:class:`lit_ft.data.mixing.MixSource`),
-            for the modules that tokenize per source (``tokenize``/``layout``: the instruction and pre-training
-            modules).
-        mix_stopping: When the mix of ``sources`` ends: the first source runs out, or all have been seen.
     """
 
     shape: ClassVar[RecordShape]  # what a record source is asked for; each subclass names its own
+    formats: ClassVar[tuple[str, ...]]  # the record formats ``format`` may name besides "auto"
+    format_noun: ClassVar[str] = "format"  # how an unknown-format error names the setting
 
     def __init__(
         self,
@@ -232,30 +259,21 @@ class RecordsDataModule(L.LightningDataModule):
         micro_batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 42,
-        sources: list[MixSource] | None = None,
-        mix_stopping: Stopping = "first_exhausted",
     ):
         super().__init__()
+        # Collects the subclass's own arguments too (Lightning reads every __init__ frame); ``sources`` is
+        # described by the subclass that mixes.
         self.save_hyperparameters(ignore=["source", "sources"])
         self.hparams["source"] = describe_source(source)  # plain data: checkpoints load with weights_only=True
         if source is not None and not isinstance(source, (str, RecordSource)):
             raise DataError(f"source must be a file, a hub dataset id or a record source, got {type(source).__name__}")
-        self.sources: list[MixSource] | None = None
-        if sources is not None:
-            if source is not None:
-                raise DataError("set data.source or data.sources, not both")
-            if not callable(getattr(self, "tokenize", None)):
-                raise DataError(f"{type(self).__name__} does not mix data.sources; set data.source")
-            self.sources = check_sources(sources, FORMATS)
-            self.hparams["sources"] = [entry.describe() for entry in self.sources]
-        if mix_stopping not in ("first_exhausted", "all_exhausted"):
-            raise DataError(f"mix_stopping must be first_exhausted or all_exhausted, got '{mix_stopping}'")
-        self.mix_stopping = mix_stopping
+        self.sources: list[MixSource] | None = None  # a mix instead of ``source``: set by a subclass that mixes
+        self.mix_stopping: Stopping = "first_exhausted"
         self.mix_stats: list[SourceStats] = []  # per source, set at setup (a stream's grow as training reads it)
         if not 0.0 <= val_split_fraction < 1.0:
             raise DataError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}")
-        if micro_batch_size < 1:
-            raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        at_least("micro_batch_size", micro_batch_size, 1)
+        check_format_name(format, self.formats, self.format_noun)
         self.source = source
         self.format = format
         self.split = split
@@ -303,10 +321,10 @@ class RecordsDataModule(L.LightningDataModule):
         before ``trainer.fit`` (or let :meth:`setup` connect to the LightningModule's ``tokenizer``). A connect
         that changes anything after setup makes the next setup rebuild the splits.
         """
-        if batch_size is not None and batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if max_seq_length is not None and max_seq_length < 2:
-            raise DataError(f"max_seq_length must be >= 2, got {max_seq_length}")
+        if batch_size is not None:
+            at_least("batch_size", batch_size, 1)
+        if max_seq_length is not None:
+            at_least("max_seq_length", max_seq_length, MIN_SEQ_LENGTH)
         changed = tokenizer is not self.tokenizer
         self.tokenizer = tokenizer
         if batch_size is not None:

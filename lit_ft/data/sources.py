@@ -175,6 +175,18 @@ def _read_json_file(path: Path, source: str) -> tuple[list[dict], list[Location]
     return _parse_json_lines(text, source)
 
 
+def parse_json_line(line: str, location: Location) -> dict:
+    """One record of a JSON-lines file (read whole here, or streamed by :mod:`lit_ft.data.streaming`); a line that
+    is not JSON, or not an object, is a DataError at ``location``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON ({e.msg}, column {e.colno})", location) from e
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}", location)
+    return record
+
+
 def _parse_json_lines(text: str, source: str) -> tuple[list[dict], list[Location]]:
     """Parse one JSON object per line; blank lines are skipped."""
     records: list[dict] = []
@@ -183,13 +195,7 @@ def _parse_json_lines(text: str, source: str) -> tuple[list[dict], list[Location
         if not line.strip():
             continue
         location = Location(source, number)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg}, column {e.colno})", location) from e
-        if not isinstance(obj, dict):
-            raise DataError(f"expected a JSON object, got {type(obj).__name__}", location)
-        records.append(obj)
+        records.append(parse_json_line(line, location))
         locations.append(location)
     return records, locations
 

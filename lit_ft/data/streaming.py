@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import gzip
 import itertools
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from lit_ft.data.sources import (
     _first_line,
     load_records_with_locations,
     looks_like_path,
+    parse_json_line,
 )
 
 POSITION_KEY = "data_position"  # the batch entry that carries the stream position; removed before the model
@@ -99,13 +99,7 @@ def _json_lines(path: Path, source: str, skip: int = 0) -> Iterator[Record]:
                     skip -= 1
                     continue
                 location = Location(source, number)
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON ({e.msg}, column {e.colno})", location) from e
-                if not isinstance(record, dict):
-                    raise DataError(f"expected a JSON object, got {type(record).__name__}", location)
-                yield record, location
+                yield parse_json_line(line, location), location
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"cannot read file ({type(e).__name__}: {e})", source) from e
 

@@ -32,88 +32,83 @@ class Fact:
     statements: tuple[str, ...]  # prose phrasings for the pre-training corpus
 
 
-def _fact(task: str, question: str, answer: str, *statements: str) -> Fact:
-    """A fact with its prose statements plus a question-and-answer phrasing (as FAQ pages have)."""
-    return Fact(task, question, answer, (*statements, f"Q: {question} A: {answer}."))
-
-
 def _spaced(items) -> str:
     return " ".join(str(x) for x in items)
 
 
-def _add(rng: random.Random) -> Fact:
+@dataclass(frozen=True)
+class TaskFamily:
+    """One family of facts: ``draw`` picks a fact's values from the generator (``{slot: value}``, the answer under
+    ``answer``), and the question and the three prose statements are templates over those slots. Calling the family
+    with a generator gives one :class:`Fact`, whose statements end with a question-and-answer phrasing (as FAQ
+    pages have)."""
+
+    task: str
+    draw: Callable[[random.Random], dict[str, object]]
+    question: str
+    statements: tuple[str, ...]
+
+    def __call__(self, rng: random.Random) -> Fact:
+        values = self.draw(rng)
+        question, answer = self.question.format(**values), str(values["answer"])
+        prose = tuple(template.format(**values) for template in self.statements)
+        return Fact(self.task, question, answer, (*prose, f"Q: {question} A: {answer}."))
+
+
+def _sum(rng: random.Random) -> dict[str, object]:
     a, b = rng.randrange(10), rng.randrange(10)
-    s = a + b
-    return _fact(
-        "add",
-        f"What is {a} + {b}?",
-        str(s),
-        f"The sum {a} + {b} equals {s}.", f"Adding {a} and {b} gives {s}.", f"{a} plus {b} is {s}.",
-    )
+    return {"a": a, "b": b, "answer": a + b}
 
 
-def _successor(rng: random.Random) -> Fact:
+def _next(rng: random.Random) -> dict[str, object]:
     n = rng.randrange(99)
-    return _fact(
-        "successor",
-        f"What number comes after {n}?",
-        str(n + 1),
-        f"After {n} comes {n + 1}.", f"The number following {n} is {n + 1}.", f"Counting on from {n} gives {n + 1}.",
-    )
+    return {"n": n, "answer": n + 1}
 
 
-def _reverse(rng: random.Random) -> Fact:
-    word = [rng.choice(LETTERS) for _ in range(3)]
-    src, dst = _spaced(word), _spaced(reversed(word))
-    return _fact(
-        "reverse",
-        f"Reverse the letters: {src}",
-        dst,
-        f"Read backwards, {src} becomes {dst}.", f"The letters {src} reversed are {dst}.", f"Backwards, {src} is {dst}.",
-    )
+def _on_items(items: Callable[[random.Random], list], solve: Callable[[list], object]
+              ) -> Callable[[random.Random], dict[str, object]]:
+    """A draw over a spaced list (``src``): ``items`` draws the list, ``solve`` gives the answer (a list is spaced)."""
+
+    def draw(rng: random.Random) -> dict[str, object]:
+        drawn = items(rng)
+        answer = solve(drawn)
+        return {"src": _spaced(drawn), "answer": _spaced(answer) if isinstance(answer, list) else answer}
+
+    return draw
 
 
-def _sort(rng: random.Random) -> Fact:
-    digits = [rng.randrange(10) for _ in range(3)]
-    src, dst = _spaced(digits), _spaced(sorted(digits))
-    return _fact(
-        "sort",
-        f"Sort the digits: {src}",
-        dst,
-        f"In order, {src} sorts to {dst}.", f"Sorting {src} gives {dst}.", f"The digits {src} sorted are {dst}.",
-    )
+def _three_letters(rng: random.Random) -> list[str]:
+    return [rng.choice(LETTERS) for _ in range(3)]
 
 
-def _maximum(rng: random.Random) -> Fact:
-    digits = [rng.randrange(10) for _ in range(3)]
-    src, m = _spaced(digits), max(digits)
-    return _fact(
-        "max",
-        f"What is the largest of {src}?",
-        str(m),
-        f"The largest of {src} is {m}.", f"Among {src}, the biggest is {m}.", f"Of {src}, {m} is the maximum.",
-    )
+def _three_digits(rng: random.Random) -> list[int]:
+    return [rng.randrange(10) for _ in range(3)]
 
 
-def _count(rng: random.Random) -> Fact:
-    word = [rng.choice(LETTERS) for _ in range(rng.randint(2, 6))]
-    src, n = _spaced(word), len(word)
-    return _fact(
-        "count",
-        f"How many letters are in: {src}",
-        str(n),
-        f"There are {n} letters in {src}.", f"Counting {src} gives {n} letters.", f"{src} has {n} letters.",
-    )
+def _some_letters(rng: random.Random) -> list[str]:
+    return [rng.choice(LETTERS) for _ in range(rng.randint(2, 6))]
 
 
-TASKS: dict[str, Callable[[random.Random], Fact]] = {
-    "add": _add,
-    "successor": _successor,
-    "reverse": _reverse,
-    "sort": _sort,
-    "max": _maximum,
-    "count": _count,
-}
+TASKS: dict[str, Callable[[random.Random], Fact]] = {family.task: family for family in (
+    TaskFamily("add", _sum, "What is {a} + {b}?",
+               ("The sum {a} + {b} equals {answer}.", "Adding {a} and {b} gives {answer}.",
+                "{a} plus {b} is {answer}.")),
+    TaskFamily("successor", _next, "What number comes after {n}?",
+               ("After {n} comes {answer}.", "The number following {n} is {answer}.",
+                "Counting on from {n} gives {answer}.")),
+    TaskFamily("reverse", _on_items(_three_letters, lambda word: word[::-1]), "Reverse the letters: {src}",
+               ("Read backwards, {src} becomes {answer}.", "The letters {src} reversed are {answer}.",
+                "Backwards, {src} is {answer}.")),
+    TaskFamily("sort", _on_items(_three_digits, sorted), "Sort the digits: {src}",
+               ("In order, {src} sorts to {answer}.", "Sorting {src} gives {answer}.",
+                "The digits {src} sorted are {answer}.")),
+    TaskFamily("max", _on_items(_three_digits, max), "What is the largest of {src}?",
+               ("The largest of {src} is {answer}.", "Among {src}, the biggest is {answer}.",
+                "Of {src}, {answer} is the maximum.")),
+    TaskFamily("count", _on_items(_some_letters, len), "How many letters are in: {src}",
+               ("There are {answer} letters in {src}.", "Counting {src} gives {answer} letters.",
+                "{src} has {answer} letters.")),
+)}
 
 
 def generate_facts(n: int, seed: int) -> list[Fact]:

@@ -32,8 +32,16 @@ from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.cli import ToolParser
 from lit_ft.data.formats import Segment, _encode_segments, format_alpaca_prompt, format_prompt
 from lit_ft.errors import ConfigError
-from lit_ft.tools.generate import PROMPT_FORMATS, Sampling, check_sampling, trained_prompt_format
-from lit_ft.tools.loading import adapter_base, add_loading_flags, base_spec, describe, load_with_adapter
+from lit_ft.tools.generate import (
+    Sampling,
+    adapter_source,
+    add_model_flags,
+    add_sampling_flags,
+    generate_one,
+    sampling_from,
+    trained_prompt_format,
+)
+from lit_ft.tools.loading import add_loading_flags, base_spec, describe, load_with_adapter
 
 PROMPT = ">>> "  # what the chat prints when it waits for a message
 COMMANDS = "/reset clears the history, /exit leaves"
@@ -128,46 +136,22 @@ class _Streamer:
         self.out.flush()
 
 
-@torch.no_grad()
 def answer(model: Any, tokenizer: Any, ids: list[int], sampling: Sampling, stream: bool = True) -> str:
     """The model's answer to the context ``ids`` (printed as it is generated when ``stream``)."""
-    device = next(model.parameters()).device
-    inputs = torch.tensor([ids], device=device)
-    extra: dict[str, Any] = {"do_sample": False}
-    if sampling.do_sample:
-        extra = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                 "top_k": sampling.top_k}
-    out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                         streamer=_Streamer(tokenizer) if stream else None, max_new_tokens=sampling.max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                         **extra)
-    return tokenizer.decode(out[0, inputs.shape[1]:], skip_special_tokens=True).strip()
+    return generate_one(model, tokenizer, ids, sampling, _Streamer(tokenizer) if stream else None).strip()
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     parser = ToolParser(prog="lit-ft chat", description="Chat with an adapter or a merged model.")
-    parser.add_argument("--adapter", help="a PEFT adapter directory (its base is read from lit_ft_base.json or "
-                                          "adapter_config.json)")
-    parser.add_argument("--model", help="a plain transformers model directory (a merged export, or a base)")
-    parser.add_argument("--base", help="the base model under --adapter (default: the adapter's own)")
-    parser.add_argument("--format", choices=PROMPT_FORMATS,
-                        help="template: alpaca, chat or raw (default: the one the model was trained with, else "
-                             "alpaca)")
-    parser.add_argument("--chat_template", help="a Jinja chat template, or 'builtin', for --format chat (default: "
-                                                "as in training)")
+    add_model_flags(parser, model_help="a plain transformers model directory (a merged export, or a base)",
+                    base_help="the base model under --adapter (default: the adapter's own)")
     parser.add_argument("--max_context", type=int,
                         help=f"tokens of context per turn, the answer included; older turns are dropped to fit "
                              f"(default: {DEFAULT_MAX_CONTEXT}, or the model's positions when fewer)")
     parser.add_argument("--show_context", action="store_true",
                         help="print each turn's context as the model sees it (the template at work)")
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    defaults = Sampling(max_new_tokens=256)  # 256: a paragraph; the embedded tasks need under 10
-    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top_p", type=float, default=defaults.top_p)
-    parser.add_argument("--top_k", type=int, default=defaults.top_k)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_sampling_flags(parser, Sampling(max_new_tokens=256))  # 256: a paragraph; the embedded tasks need under 10
     add_loading_flags(parser)
     return parser
 
@@ -180,10 +164,7 @@ def _source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
         if not Path(args.model).is_dir():
             raise BackboneError(f"{args.model}: model directory not found")
         return args.model, None, None
-    record = BaseRecord.read(args.adapter) if Path(args.adapter).is_dir() else None
-    base = args.base or adapter_base(args.adapter, record)  # a missing adapter folder is one line here
-    if not base:
-        raise BackboneError(f"{args.adapter}: the adapter does not name its base model; pass --base")
+    base, record = adapter_source(args.adapter, args.base)
     return base, args.adapter, record
 
 
@@ -212,8 +193,7 @@ def main(argv: list[str] | None = None) -> list[Turn]:
     parser = build_parser()
     args = parser.parse_args(argv)
     source, adapter, record = _source(args, parser)
-    sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k, args.seed)
-    check_sampling(sampling)
+    sampling = sampling_from(args)
     trained_format, trained_template = trained_prompt_format(record, args.model)
     fmt = args.format or trained_format or "alpaca"
     spec = base_spec(source, record, args.dtype, args.load_in_4bit)

@@ -148,6 +148,23 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """What ``model.generate`` takes for this way of picking tokens (greedy leaves the sampling knobs out)."""
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+@torch.no_grad()
+def generate_one(model, tokenizer, ids: list[int], sampling: Sampling, streamer: Any = None) -> str:
+    """The new text after one prompt's token ids, greedy or sampled as ``sampling`` says; with a ``streamer``
+    (transformers' protocol), each token goes to it as it comes. Used by ``lit-ft generate`` and ``lit-ft chat``."""
+    inputs = torch.tensor([ids], device=next(model.parameters()).device)
+    out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
+                         max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling.generate_kwargs())
+    return tokenizer.decode(out[0, inputs.shape[1]:], skip_special_tokens=True)
+
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[Prompt], sampling: Sampling, stream: bool = False,
@@ -161,19 +178,10 @@ def generate_texts(model, tokenizer, prompts: list[Prompt], sampling: Sampling, 
     from transformers import TextStreamer
 
     torch.manual_seed(sampling.seed)
-    device = next(model.parameters()).device
-    extra: dict[str, Any] = {"do_sample": False}
-    if sampling.do_sample:
-        extra = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                 "top_k": sampling.top_k}
     texts = []
     for prompt_ids in ids:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        inputs = torch.tensor([prompt_ids], device=device)
-        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                             max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, use_cache=True, **extra)
-        texts.append(tokenizer.decode(out[0, inputs.shape[1]:], skip_special_tokens=True))
+        texts.append(generate_one(model, tokenizer, prompt_ids, sampling, streamer))
     return texts
 
 
@@ -196,30 +204,59 @@ def comparison_table(rows: list[dict], before: list[str], after: list[str], refe
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = ToolParser(prog="lit-ft generate",
-                                     description="Generate from a base model, an adapter or a merged export.")
+def add_model_flags(parser: argparse.ArgumentParser, model_help: str, base_help: str) -> None:
+    """What to load and how to prompt it, as ``lit-ft generate`` and ``lit-ft chat`` both take it: ``--adapter``,
+    ``--model``, ``--base`` (each tool says what its plain model and base are for), ``--format``,
+    ``--chat_template``."""
     parser.add_argument("--adapter", help="a PEFT adapter directory (its base is read from lit_ft_base.json or "
                                           "adapter_config.json)")
-    parser.add_argument("--model", help="a plain transformers model directory (a base or a merged export)")
-    parser.add_argument("--base", help="the base model: under --adapter (default: the adapter's own), alone, or "
-                                       "as the 'before' side of --model --compare")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    parser.add_argument("--input", default="", help="the Alpaca input field for --prompt")
-    parser.add_argument("--file", help="prompts: one a line (.txt) or records (.json, .jsonl, .parquet)")
+    parser.add_argument("--model", help=model_help)
+    parser.add_argument("--base", help=base_help)
     parser.add_argument("--format", choices=PROMPT_FORMATS,
                         help="prompt template: alpaca, chat ([INST] turns or the tokenizer's chat template) or raw "
                              "(default: the one the model was trained with, else alpaca)")
     parser.add_argument("--chat_template", help="a Jinja chat template, or 'builtin', for --format chat (default: "
                                                 "as in training)")
-    parser.add_argument("--compare", action="store_true", help="base vs tuned outputs side by side, as a table")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, defaults: Sampling) -> None:
+    """``--sample`` and the :class:`Sampling` settings, defaulting to ``defaults`` (read back by :func:`sampling_from`)."""
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    defaults = Sampling()
     parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top_p", type=float, default=defaults.top_p)
     parser.add_argument("--top_k", type=int, default=defaults.top_k)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    """The :class:`Sampling` of :func:`add_sampling_flags`' flags, checked before any model loads."""
+    sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k, args.seed)
+    check_sampling(sampling)
+    return sampling
+
+
+def adapter_source(adapter: str, base: str | None) -> tuple[str, BaseRecord | None]:
+    """(the base model under ``adapter``, the adapter's record): ``base`` when given, else the one the adapter
+    names (a missing adapter folder, or one that names no base, is one line)."""
+    record = BaseRecord.read(adapter) if Path(adapter).is_dir() else None
+    base = base or adapter_base(adapter, record)
+    if not base:
+        raise BackboneError(f"{adapter}: the adapter does not name its base model; pass --base")
+    return base, record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ToolParser(prog="lit-ft generate",
+                                     description="Generate from a base model, an adapter or a merged export.")
+    add_model_flags(parser, model_help="a plain transformers model directory (a base or a merged export)",
+                    base_help="the base model: under --adapter (default: the adapter's own), alone, or as the "
+                              "'before' side of --model --compare")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    parser.add_argument("--input", default="", help="the Alpaca input field for --prompt")
+    parser.add_argument("--file", help="prompts: one a line (.txt) or records (.json, .jsonl, .parquet)")
+    parser.add_argument("--compare", action="store_true", help="base vs tuned outputs side by side, as a table")
+    add_sampling_flags(parser, Sampling())
     parser.add_argument("--no_stream", action="store_true", help="print each answer when done, not token by token")
     add_loading_flags(parser)
     parser.add_argument("--batch_size", type=int, default=16, help="prompts generated at once (greedy, no stream)")
@@ -232,10 +269,7 @@ def _models_to_load(args: argparse.Namespace, parser: argparse.ArgumentParser
     if args.adapter and args.model:
         parser.error("give --adapter or --model, not both")
     if args.adapter:
-        record = BaseRecord.read(args.adapter) if Path(args.adapter).is_dir() else None
-        base = args.base or adapter_base(args.adapter, record)
-        if not base:
-            raise BackboneError(f"{args.adapter}: the adapter does not name its base model; pass --base")
+        base, record = adapter_source(args.adapter, args.base)
         return base, args.adapter, record
     if args.model or args.base:
         if args.compare and not (args.model and args.base):
@@ -274,8 +308,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if (args.file is None) == (args.prompt is None):
         parser.error("give either --prompt (repeatable) or --file")
     source, adapter, record = _models_to_load(args, parser)
-    sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k, args.seed)
-    check_sampling(sampling)
+    sampling = sampling_from(args)
     trained_format, trained_template = trained_prompt_format(record, args.model)
     fmt = args.format or trained_format or "alpaca"
     chat_template = args.chat_template or trained_template

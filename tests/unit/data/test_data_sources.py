@@ -15,7 +15,9 @@ from lit_ft.data.sources import (
     load_records,
     load_records_with_locations,
     looks_like_path,
+    parse_json_line,
 )
+from lit_ft.data.streaming import stream_records
 
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
@@ -103,6 +105,26 @@ def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
     path.write_text('{"text": "a"}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"list\.jsonl:2: expected a JSON object, got list"):
         load_records(str(path))
+
+
+def test_parse_json_line_by_hand() -> None:
+    at = Location("d.jsonl", 4)
+    assert parse_json_line(' {"a": [1, 2]} \n', at) == {"a": [1, 2]}
+    with pytest.raises(DataError, match=r"^d\.jsonl:4: invalid JSON \(Expecting value, column 7\)$"):
+        parse_json_line('{"a": }', at)
+    with pytest.raises(DataError, match=r"^d\.jsonl:4: expected a JSON object, got str$"):
+        parse_json_line('"text"', at)
+
+
+@pytest.mark.parametrize("bad_line", ["{not json}", "[1, 2]", "7"])
+def test_a_bad_line_is_the_same_error_loaded_or_streamed(tmp_path: Path, bad_line: str) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(f"{json.dumps(RECORDS[0])}\n\n{bad_line}\n", encoding="utf-8")
+    with pytest.raises(DataError) as loaded:
+        load_records(str(path))
+    with pytest.raises(DataError) as streamed:
+        list(stream_records(str(path)))
+    assert str(loaded.value) == str(streamed.value) and str(loaded.value).startswith(f"{path}:3: ")
 
 
 @pytest.mark.parametrize(

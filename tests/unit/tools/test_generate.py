@@ -8,10 +8,21 @@ import json
 import pytest
 import torch
 
-from lit_ft.backbone import Backbone, LoraSettings, build_model, save_adapter, save_full_model
+from lit_ft.backbone import Backbone, BackboneError, LoraSettings, build_model, save_adapter, save_full_model
 from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.data.formats import format_alpaca_prompt, tokenize_record
-from lit_ft.tools.generate import build_prompts, greedy_generate, main
+from lit_ft.errors import ConfigError
+from lit_ft.tools import chat
+from lit_ft.tools.generate import (
+    Sampling,
+    adapter_source,
+    build_parser,
+    build_prompts,
+    generate_one,
+    greedy_generate,
+    main,
+    sampling_from,
+)
 from tests.quantised_loading import LoadedBases, assert_nf4_bf16, fails_in_one_line, save_nf4_adapter
 from tests.tiny_models import TINY
 
@@ -75,6 +86,33 @@ def test_streamed_greedy_text_is_printed_and_equals_batched_greedy(tiny_adapter,
     assert [r["generation"] for r in streamed] == [r["generation"] for r in batched]
     for prompt, result in zip(PROMPTS, streamed):
         assert f"### {prompt}" in out and result["generation"].strip() in out
+
+
+def test_generate_and_chat_read_the_same_sampling_flags() -> None:
+    flags = ["--sample", "--temperature", "0.5", "--top_p", "0.8", "--top_k", "3", "--seed", "9"]
+    ours = sampling_from(build_parser().parse_args(["--prompt", "x", *flags]))
+    theirs = sampling_from(chat.build_parser().parse_args(["--model", "m", *flags]))
+    assert ours == Sampling(64, True, 0.5, 0.8, 3, 9) and theirs == Sampling(256, True, 0.5, 0.8, 3, 9)
+    assert ours.generate_kwargs() == {"do_sample": True, "temperature": 0.5, "top_p": 0.8, "top_k": 3}
+    assert Sampling(temperature=0.0).generate_kwargs() == {"do_sample": False}  # greedy ignores the knobs
+    with pytest.raises(ConfigError, match=r"^--temperature must be positive when sampling, got 0.0$"):
+        sampling_from(chat.build_parser().parse_args(["--model", "m", "--sample", "--temperature", "0"]))
+
+
+def test_generate_one_is_the_batched_greedy_text(tiny_adapter, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_adapter[0])
+    ids = [p.input_ids for p in build_prompts([{"instruction": q} for q in PROMPTS], tokenizer)]
+    assert [generate_one(model, tokenizer, i, Sampling(max_new_tokens=5)) for i in ids] == greedy_generate(
+        model, tokenizer, ids, 5)
+
+
+def test_an_adapter_that_names_no_base_needs_base(tmp_path) -> None:
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(BackboneError, match="the adapter does not name its base model; pass --base"):
+        adapter_source(str(tmp_path), None)
+    assert adapter_source(str(tmp_path), "some/base") == ("some/base", None)
 
 
 def test_sampling_repeats_with_its_seed(tiny_adapter) -> None:
