@@ -52,6 +52,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from lit_ft.data.formats import Prompt
 from lit_ft.data.heldout import HeldOut, HeldOutItem
 from lit_ft.loggers.run_dir import EVALUATION_FILE, evaluation_record, write_json
 from lit_ft.metrics import exact_match, per_task_counts
@@ -354,7 +355,26 @@ class GenerationTable(L.Callback):
                                                           if "exact_match" in self.results[t]))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "before" in self.results:  # restored from the checkpoint of a resumed run: the policy has moved since
+            print("held-out before training: as measured at the start of the run (restored from the checkpoint)")
+            return
         self._report(trainer, "before", self.evaluate(trainer, pl_module, "before"))
+
+    def state_dict(self) -> dict:
+        """The "before" evaluation, in plain types, so that a resumed run's table compares the policy with the
+        one it started from, not with the resumed one."""
+        if "before" not in self.results:
+            return {}
+        before = dict(self.results["before"])
+        before["rows"] = [[p.text, p.reference, t] for p, t in before["rows"]]
+        return {"before": before, "names": list(self.names)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "before" in state_dict:
+            before = dict(state_dict["before"])
+            before["rows"] = [(Prompt(text, [], reference), t) for text, reference, t in before["rows"]]
+            self.results["before"] = before
+            self.names = tuple(state_dict.get("names", self.names))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, "after", self.evaluate(trainer, pl_module, "after"))

@@ -137,6 +137,10 @@ def test_ppo_resumes_exactly_after_sigkill_between_and_during_checkpoints(base, 
     kl = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["ppo"]["kl_controller"]
           for run in (ref, chain)]
     assert kl[0] == kl[1] and kl[0] != {"beta": 0.1}, kl
+    # The "before" evaluation is the start's, restored from the checkpoint, not the resumed policy's.
+    evaluations = [json.loads((run / "evaluation.json").read_text()) for run in (ref, chain)]
+    assert evaluations[0]["scores"]["before"] == evaluations[1]["scores"]["before"]
+    assert [r["before"] for r in evaluations[0]["rows"]] == [r["before"] for r in evaluations[1]["rows"]]
 
 
 def _grpo_config(base: str, run_dir: Path, max_steps: int, every: int, **trainer) -> dict:

@@ -104,3 +104,25 @@ def test_nothing_evaluated_reports_nothing_even_to_a_wandb_logger() -> None:
     logger.log_metrics = lambda *args, **kwargs: calls.append(args)
     GenerationTable()._report(SimpleNamespace(loggers=[logger], global_step=0), "before", {})
     assert calls == []
+
+
+def test_a_resumed_run_keeps_the_before_evaluation_of_its_start(capsys) -> None:
+    """The "before" column of a resumed run is the policy the run started from (restored from the checkpoint in
+    plain types), not the resumed policy: a resumed PPO run printed its step-120 policy as "SFT policy"."""
+    from lit_ft.data.formats import Prompt
+
+    table = GenerationTable()
+    table.names = ("SFT policy", "PPO policy")
+    table.results["before"] = {"rows": [(Prompt("What is 1 + 1?", [1, 2], "2"), "2")], "texts": ["2"],
+                               "figures": {"exact_match": 1.0}, "scored": 1, "counts": "", "exact_match": 1.0}
+    state = table.state_dict()
+    assert all(isinstance(row, list) and all(isinstance(x, str) for x in row) for row in state["before"]["rows"])
+
+    resumed = GenerationTable()
+    resumed.load_state_dict(state)
+    resumed.evaluate = lambda *args: pytest.fail("a resumed run must not evaluate its resumed policy as 'before'")
+    resumed.on_train_start(SimpleNamespace(loggers=[], global_step=120), None)
+    assert resumed.results["before"]["figures"] == {"exact_match": 1.0}
+    assert resumed.results["before"]["rows"][0][0].text == "What is 1 + 1?" and resumed.names[0] == "SFT policy"
+    assert "restored from the checkpoint" in capsys.readouterr().out
+    assert GenerationTable().state_dict() == {}  # nothing measured yet: nothing to keep
