@@ -39,10 +39,10 @@ PINNED = {
         "val": (200, "3ce1cd0234df7264", {"instruction": "What number comes after 1?", "input": "", "output": "Answer: 2", "task": "successor", "style": "label"}),
         "heldout": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
-    "rm": {  # issue 16: gold-labelled pairs, one of each kind (style, correctness, cross) per fact
-        "train": (15234, "4652c653ec38c9d6", {"instruction": "What is the largest of 6 7 7?", "input": "", "chosen": "7 is the largest of 6 7 7.", "rejected": "7", "task": "max", "kind": "style"}),
-        "val": (600, "31425f8892796bb2", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
-        "heldout": (200, "fd9bba86d8e1fa93", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
+    "rm": {  # issue 16: gold-labelled pairs, one of each kind (style, correctness, cross, restatement) per fact
+        "train": (17013, "559e51ad27710dc9", {"instruction": "What is the largest of 6 7 7?", "input": "", "chosen": "7 is the largest of 6 7 7.", "rejected": "7", "task": "max", "kind": "style"}),
+        "val": (694, "f9a4c045e693a7d1", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
+        "heldout": (200, "c452a35a50c33724", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
     },
     "ppo": {
         "train": (2535, "5d0fa0fb13d18fa0", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max"}),
@@ -92,14 +92,14 @@ def test_stage_configs_give_the_pinned_records(stage: str) -> None:
 PINNED_TOKENS = {
     "pretrain": ((657, "9711cb1377edf4de"), (200, "2bb1f9cb09c90fdd"), True),
     "sft": ((205, "f24f62676f3662e9"), (200, "2bb1f9cb09c90fdd"), True),
-    "rm": ((15234, "86e914e5b20d0128"), None, False),
+    "rm": ((17013, "851bfd6b7a41387c"), None, False),
     "ppo": ((2535, "2c748931b14373c0"), (200, "2bb1f9cb09c90fdd"), True),
 }
 PINNED_PPO_TASKS = "d92128828d50f5fe"  # the task family of each held-out prompt
 
 
 @pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s == "rm" else s
-                                   for s in sorted(PINNED_TOKENS)])  # rm: 15234 pairs, ~25 s to tokenize
+                                   for s in sorted(PINNED_TOKENS)])  # rm: 17013 pairs, ~30 s to tokenize
 def test_stage_configs_give_the_pinned_token_rows_and_heldout_prompts(stage: str, tokenizer, capsys) -> None:
     """What training and evaluation see: the tokenized rows and the rendered held-out prompts, as before."""
     dm = stage_data(stage)
