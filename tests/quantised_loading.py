@@ -13,15 +13,22 @@ from lit_ft.backbone.base_record import BaseRecord
 from tests.tiny_models import TINY
 
 
-def save_nf4_adapter(directory, base: str, tokenizer, prompt_format: str = "chat", seed: int = 0) -> str:
-    """A LoRA adapter (non-zero B) whose record says its base was trained in 4-bit NF4 with bfloat16 compute."""
-    torch.manual_seed(seed)
+def sft_model_with_random_b(base: str, tokenizer):
+    """``base`` with a LoRA adapter "sft" (r 4) whose B matrices are drawn from N(0, 0.5^2) with the global RNG as
+    it stands (LoRA B starts at zero: an adapter that would not change the output)."""
     model = build_model(Backbone(pretrained=base, lora=LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft")),
                         tokenizer)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
+    return model
+
+
+def save_nf4_adapter(directory, base: str, tokenizer, prompt_format: str = "chat", seed: int = 0) -> str:
+    """A LoRA adapter (non-zero B) whose record says its base was trained in 4-bit NF4 with bfloat16 compute."""
+    torch.manual_seed(seed)
+    model = sft_model_with_random_b(base, tokenizer)
     record = BaseRecord(base, quantization="nf4", dtype="bfloat16", compute_dtype="bfloat16",
                         prompt_format=prompt_format, chat_template="builtin", stage="CausalLM")
     return str(save_adapter(model, directory, "sft", tokenizer, record))

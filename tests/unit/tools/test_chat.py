@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_ft.backbone import Backbone, LoraSettings, build_model, save_adapter, save_full_model
+from lit_ft.backbone import Backbone, build_model, save_adapter, save_full_model
 from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.data.formats import tokenize_record
 from lit_ft.errors import ConfigError
@@ -20,7 +20,13 @@ from lit_ft.tools import chat
 from lit_ft.tools.chat import Conversation, Turn, answer, render
 from lit_ft.tools.generate import Sampling
 from lit_ft.tools.loading import base_spec, load_with_adapter
-from tests.quantised_loading import LoadedBases, assert_nf4_bf16, fails_in_one_line, save_nf4_adapter
+from tests.quantised_loading import (
+    LoadedBases,
+    assert_nf4_bf16,
+    fails_in_one_line,
+    save_nf4_adapter,
+    sft_model_with_random_b,
+)
 from tests.tiny_models import TINY
 
 FIRST, SECOND = "What is 3 + 4?", "And twice that?"
@@ -34,12 +40,7 @@ def adapter(tmp_path_factory, tokenizer) -> str:
     tmp = tmp_path_factory.mktemp("chat")
     torch.manual_seed(0)
     base = str(save_full_model(build_model(Backbone(tiny=TINY, lora=None), tokenizer), tmp / "base", tokenizer))
-    model = build_model(Backbone(pretrained=base, lora=LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft")),
-                        tokenizer)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    model = sft_model_with_random_b(base, tokenizer)
     record = BaseRecord(base, prompt_format="alpaca", stage="CausalLM")
     return str(save_adapter(model, tmp / "adapter", "sft", tokenizer, record))
 

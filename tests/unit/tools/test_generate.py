@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lit_ft.backbone import Backbone, BackboneError, LoraSettings, build_model, save_adapter, save_full_model
+from lit_ft.backbone import Backbone, BackboneError, build_model, save_adapter, save_full_model
 from lit_ft.backbone.base_record import BaseRecord
 from lit_ft.data.formats import format_alpaca_prompt, tokenize_record
 from lit_ft.errors import ConfigError
@@ -23,7 +23,13 @@ from lit_ft.tools.generate import (
     main,
     sampling_from,
 )
-from tests.quantised_loading import LoadedBases, assert_nf4_bf16, fails_in_one_line, save_nf4_adapter
+from tests.quantised_loading import (
+    LoadedBases,
+    assert_nf4_bf16,
+    fails_in_one_line,
+    save_nf4_adapter,
+    sft_model_with_random_b,
+)
 from tests.tiny_models import TINY
 
 PROMPTS = ["What is 3 + 4?", "Reverse the letters: c a t"]
@@ -36,13 +42,7 @@ def tiny_adapter(tmp_path_factory, tokenizer) -> tuple[str, str]:
     tmp = tmp_path_factory.mktemp("generate")
     torch.manual_seed(0)
     base = str(save_full_model(build_model(Backbone(tiny=TINY, lora=None), tokenizer), tmp / "base", tokenizer))
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0, adapter_name="sft")
-    model = build_model(Backbone(pretrained=base, lora=lora), tokenizer)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return base, str(save_adapter(model, tmp / "adapter", "sft", tokenizer))
+    return base, str(save_adapter(sft_model_with_random_b(base, tokenizer), tmp / "adapter", "sft", tokenizer))
 
 
 def test_prompts_are_the_training_prompts(tokenizer) -> None:
