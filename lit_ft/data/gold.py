@@ -53,6 +53,7 @@ ALL_PAIR_KINDS: tuple[PairKind, ...] = (*PAIR_KINDS, "restatement")
 
 _NUMBER, _DIGITS, _LETTERS = r"\d+", r"\d(?: \d)*", r"[a-z](?: [a-z])*"
 _LABEL = re.compile(r"Answer:\s*(?P<answer>.+?)\.?")
+_SLOT = re.compile(r"\{(\w+)\}")  # a {field} slot of a Family's question or sentence template
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Family:
 
     def _pattern(self, template: str, answer: bool) -> str:
         out, pos = [], 0
-        for slot in re.finditer(r"\{(\w+)\}", template):
+        for slot in _SLOT.finditer(template):
             out.append(re.escape(template[pos:slot.start()]))
             name = slot.group(1)
             out.append(r"(?P<answer>.+?)" if name == "answer" and answer else f"(?P<{name}>{self.fields[name]})")
@@ -82,7 +83,7 @@ class Family:
     @property
     def restates_slots(self) -> bool:
         """Whether the preferred sentence copies any of the question's slots (so that it can restate it wrongly)."""
-        return bool(set(re.findall(r"\{(\w+)\}", self.sentence)) - {"answer"})
+        return bool(set(_SLOT.findall(self.sentence)) - {"answer"})
 
     @property
     def question_regex(self) -> re.Pattern[str]:
