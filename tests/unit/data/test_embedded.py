@@ -45,7 +45,7 @@ PINNED = {
         "heldout": (200, "c452a35a50c33724", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
     },
     "ppo": {
-        "train": (2535, "5d0fa0fb13d18fa0", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max"}),
+        "train": (1521, "bdcb9177496900ae", {"instruction": "What is the largest of 6 7 7?", "input": "", "output": "7", "task": "max"}),
         "val": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
 }
@@ -93,7 +93,7 @@ PINNED_TOKENS = {
     "pretrain": ((657, "9711cb1377edf4de"), (200, "2bb1f9cb09c90fdd"), True),
     "sft": ((205, "f24f62676f3662e9"), (200, "2bb1f9cb09c90fdd"), True),
     "rm": ((17013, "851bfd6b7a41387c"), None, False),
-    "ppo": ((2535, "2c748931b14373c0"), (200, "2bb1f9cb09c90fdd"), True),
+    "ppo": ((1521, "fb1ffcd84f0720d5"), (200, "2bb1f9cb09c90fdd"), True),
 }
 PINNED_PPO_TASKS = "d92128828d50f5fe"  # the task family of each held-out prompt
 
