@@ -32,7 +32,7 @@ install: ## create .venv and install lit_ft with its dev tools (torch CPU wheel 
 $(BASE)/config.json:
 	$(LITFT) fit --config configs/pretrain.yaml $(PRETRAIN_ARGS)
 
-pretrain: ## pre-train the embedded tiny base (artifacts/base/tiny-mistral, ~17 min on 2 cores)
+pretrain: ## pre-train the embedded tiny base (artifacts/base/tiny-mistral, ~8 min on 2 cores)
 	$(LITFT) fit --config configs/pretrain.yaml $(ARGS)
 
 sft: $(BASE)/config.json ## LoRA SFT on the embedded tasks (runs/sft, artifacts/sft/adapter)

@@ -40,14 +40,8 @@ def _spaced(items) -> str:
 class TaskFamily:
     """One family of facts: ``draw`` picks a fact's values from the generator (``{slot: value}``, the answer under
     ``answer``), and the question and the three prose statements are templates over those slots. Calling the family
-    with a generator gives one :class:`Fact`, whose statements end with the question on a line and the answer on
-    the next (as quiz pages and answer keys have).
-
-    The answer line matters to every later stage: with the Mistral tokenizer a word that starts a line is another
-    token than the same word after a space (``"\\na"`` gives ``a``, ``" a"`` gives ``▁a``), and every instruction
-    template puts the response on a new line. Prose alone never trains the line-start tokens, so a base pre-trained
-    on prose alone could reverse "h j a" after a space but not on a new line, and SFT could not teach it
-    (docs/rlhf.md, third session: SFT exact match on reverse 0%, against 45 of 45 held-out facts in prose)."""
+    with a generator gives one :class:`Fact`, whose statements end with a question-and-answer phrasing (as FAQ
+    pages have)."""
 
     task: str
     draw: Callable[[random.Random], dict[str, object]]
@@ -58,7 +52,7 @@ class TaskFamily:
         values = self.draw(rng)
         question, answer = self.question.format(**values), str(values["answer"])
         prose = tuple(template.format(**values) for template in self.statements)
-        return Fact(self.task, question, answer, (*prose, f"{question}\n{answer}."))
+        return Fact(self.task, question, answer, (*prose, f"Q: {question} A: {answer}."))
 
 
 def _sum(rng: random.Random) -> dict[str, object]:

@@ -1,8 +1,7 @@
 """The embedded world as a record source: each stage config gives exactly the records, token rows and held-out
 prompts it gave before the data layer was restructured (pinned from the code of commit 6dea0a6; SFT and RM
-re-pinned for issue 16's styled demonstrations and gold-labelled pairs, again when the letter families'
-preferred sentences stopped copying the letters, and the corpus when its question-and-answer phrasing put the
-answer on its own line); near misses,
+re-pinned for issue 16's styled demonstrations and gold-labelled pairs, and again when the letter families'
+preferred sentences stopped copying the letters); near misses,
 task families, and one world behind every shape."""
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from tests.tiny_models import ROOT
 # stage -> split -> (number of records, sha256 of the JSON records (first 16 hex), first record)
 PINNED = {
     "pretrain": {
-        "train": (1800, "aa5a41f790a8d04e", {"text": "Sort the digits: 9 1 0\n0 1 9. Reverse the letters: n y j\nj y n. Read backwards, o x t becomes t x o. Reverse the letters: p m q\nq m p. The digits 6 4 3 sorted are 3 4 6. The digits 7 0 8 sorted are 0 7 8."}),
-        "val": (100, "92a9118fdf498978", {"text": "The sum 7 + 5 equals 12. Adding 7 and 5 gives 12. 7 plus 5 is 12. What is 7 + 5?\n12. There are 2 letters in h x. Counting h x gives 2 letters. h x has 2 letters. How many letters are in: h x\n2."}),
+        "train": (1800, "d23b3b94dcd48398", {"text": "Q: Sort the digits: 9 1 0 A: 0 1 9. Q: Reverse the letters: n y j A: j y n. Read backwards, o x t becomes t x o. Q: Reverse the letters: p m q A: q m p. The digits 6 4 3 sorted are 3 4 6. The digits 7 0 8 sorted are 0 7 8."}),
+        "val": (100, "7982121d4cbfaaae", {"text": "The sum 7 + 5 equals 12. Adding 7 and 5 gives 12. 7 plus 5 is 12. Q: What is 7 + 5? A: 12. There are 2 letters in h x. Counting h x gives 2 letters. h x has 2 letters. Q: How many letters are in: h x A: 2."}),
         "heldout": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
     "sft": {  # issue 16: demonstrations in the answer styles of lit_ft.data.gold; held-out references bare
@@ -91,7 +90,7 @@ def test_stage_configs_give_the_pinned_records(stage: str) -> None:
 
 # stage -> (rows of the training dataset, their hash), (held-out prompts, hash of text/ids/reference), checkable
 PINNED_TOKENS = {
-    "pretrain": ((604, "8fba3fabc78d4c85"), (200, "2bb1f9cb09c90fdd"), True),
+    "pretrain": ((657, "9711cb1377edf4de"), (200, "2bb1f9cb09c90fdd"), True),
     "sft": ((205, "f24f62676f3662e9"), (200, "2bb1f9cb09c90fdd"), True),
     "rm": ((17013, "851bfd6b7a41387c"), None, False),
     "ppo": ((1521, "fb1ffcd84f0720d5"), (200, "2bb1f9cb09c90fdd"), True),
