@@ -291,10 +291,13 @@ class LitFtCLI(LightningCLI):
 
 
 def fill_run_dir(settings) -> None:
-    """Put the run's files in ``run.dir``: the standard loggers when ``trainer.logger`` is unset, and
-    ``<run.dir>/checkpoints`` for each standard checkpoint group whose ``dirpath`` is unset."""
+    """Put the run's files in ``run.dir``: the standard loggers when ``trainer.logger`` is unset,
+    ``<run.dir>/checkpoints`` for each standard checkpoint group whose ``dirpath`` is unset, and Lightning's own
+    root (``trainer.default_root_dir``, where a run without loggers puts the profiler's trace) when unset."""
     run = settings.get("run") or RunSettings()
     run = run if isinstance(run, RunSettings) else RunSettings(**dict(run))
+    if settings.get("trainer.default_root_dir") is None:
+        settings["trainer.default_root_dir"] = run.dir
     if settings.get("trainer.logger") is None:
         settings["trainer.logger"] = [
             Namespace(class_path=WANDB_LOGGER,

@@ -168,6 +168,14 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillAtTrainEnd(L.Callback):
+    """SIGKILLs its own process when training ends, after the last checkpoint and before the module's end-of-training
+    work (callbacks' ``on_train_end`` runs before the module's: the export never happens)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class KillingCheckpointIO(AtomicCheckpointIO):
     """Atomic writer that, for the checkpoint of ``step``, leaves half the bytes in the temporary file and
     SIGKILLs the process before the rename: a kill in the middle of a checkpoint write."""

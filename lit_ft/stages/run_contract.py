@@ -423,6 +423,7 @@ class CheckpointContract:
             lines = [f"lit_ft: resume: {path} {note}"]
         if fitting:
             check_run_length(checkpoint, trainer.max_steps, path)
+            self._restored_step = int(checkpoint.get("global_step", 0))
         check_tensors(checkpoint, expected_tensors(self), path)
         for line in lines:
             rank_zero_only(print)(line)
@@ -438,6 +439,30 @@ class CheckpointContract:
             check_writable(parent, "model.export_dir")
             check_free_space(parent, export_bytes(self), "model.export_dir")
         self._log_horizon()
+
+    def on_fit_end(self) -> None:
+        """A resume from a checkpoint already at ``trainer.max_steps``: Lightning skips the training loop, and with
+        it every end-of-training hook, so a run killed after its last checkpoint and before its export would never
+        export. Run the hooks of a zero-step training instead (the held-out evaluation, the export), then write
+        the run's report again with their results."""
+        trainer = self.trainer
+        restored, self._restored_step = getattr(self, "_restored_step", None), None
+        max_steps = trainer.max_steps
+        if restored is None or max_steps is None or max_steps < 0 or restored < max_steps:
+            return
+        if trainer.global_step != restored:  # the loop ran (cannot happen at max_steps; never finish twice)
+            return
+        rank_zero_only(print)(f"lit_ft: resume: the checkpoint is already at trainer.max_steps={max_steps}: "
+                              "nothing to train; finishing the run (end-of-training evaluation and export)")
+        for hook in ("on_train_start", "on_train_end"):
+            for callback in trainer.callbacks:
+                getattr(callback, hook)(trainer, self)
+            getattr(self, hook)()
+        from lit_ft.callbacks.report import RunReport
+
+        for callback in trainer.callbacks:  # its on_fit_end ran before this hook, without those results
+            if isinstance(callback, RunReport):
+                callback.on_fit_end(trainer, self)
 
     def _log_horizon(self) -> None:
         """Once the scheduler exists and a checkpoint named its horizon: say when the new run length changed it."""

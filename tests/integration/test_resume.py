@@ -307,6 +307,29 @@ def test_extending_a_finished_run_trains_on_with_the_new_schedule(base, tmp_path
     assert "schedule horizon: checkpoint 4 steps, config 8 steps" in result.stdout
 
 
+@pytest.mark.parametrize("stage", ["sft", pytest.param("ppo", marks=pytest.mark.slow)])  # ppo: 3 runs, ~2 min
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(stage, base, tmp_path) -> None:
+    """Killed after the checkpoint of its last step but before the export: the resume trains nothing (the step is
+    already max_steps) and still does the end-of-training work, so the export appears, as the uninterrupted run's."""
+    if stage == "sft":
+        data = write_alpaca(tmp_path / "train.jsonl", 48)
+        make = lambda run, **extra: sft_config(base, data, run, max_steps=4, every=2, wandb=False, **extra)
+        steps, exported = 4, "adapter"
+    else:
+        make = lambda run, **extra: ppo_config(base, run, max_steps=8, every=4, wandb=False, **extra)
+        steps, exported = 8, "out/policy"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(tmp_path, "ref", make(ref))
+    _run(tmp_path, "killed", make(run, callbacks=[{"class_path": "tests.tiny_runs.KillAtTrainEnd"}]), killed=True)
+    assert _step_of(run / "checkpoints" / "last.ckpt") == steps and not (run / exported).exists()
+    result = run_fit(write_config(tmp_path / "resumed.yaml", make(run, callbacks=[_record(run)])), tmp_path,
+                     "--ckpt_path", "last")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (run / "batches.txt").exists() or not read_batches(run / "batches.txt")  # no step trained again
+    assert f"the checkpoint is already at trainer.max_steps={steps}" in result.stdout
+    assert max_abs_diff(adapter_weights(ref / exported), adapter_weights(run / exported)) <= TOLERANCE
+
+
 def test_killed_run_resumed_with_a_larger_max_steps_follows_the_new_schedule(base, tmp_path) -> None:
     data = write_alpaca(tmp_path / "train.jsonl", 48)
     run = tmp_path / "run"
