@@ -37,8 +37,11 @@ from typing import Literal
 from lit_ft.data.gold import (
     ALL_PAIR_KINDS,
     DEFAULT_STYLE_WEIGHTS,
+    MISS_KINDS,
+    NEAREST_MISSES,
     PAIR_KINDS,
     GoldJudge,
+    MissKind,
     PairKind,
     check_style_weights,
     gold_pair_records,
@@ -67,9 +70,10 @@ TEXT_VAL_FACTS = 200  # 100 validation documents of 2 fresh facts each: a stable
 
 
 # ------------------------------------------------------------------------------------ records from facts
-def preference_records(facts: Sequence[Fact], seed: int, rejected_per_fact: int = 1) -> list[dict]:
+def preference_records(facts: Sequence[Fact], seed: int, rejected_per_fact: int = 1,
+                       misses: Sequence[str] = NEAREST_MISSES) -> list[dict]:
     """Bare-answer pairs (``instruction``, ``input``, ``chosen``, ``rejected``, ``task``) from embedded facts: the
-    right answer over a near miss (:func:`lit_ft.data.gold.near_miss`), ``pairs.labels: near_miss``.
+    right answer over a near miss of ``misses`` (:func:`lit_ft.data.gold.near_miss`), ``pairs.labels: near_miss``.
 
     With ``rejected_per_fact`` > 1, each fact gives several pairs with distinct wrong answers (as many as exist).
     """
@@ -78,7 +82,7 @@ def preference_records(facts: Sequence[Fact], seed: int, rejected_per_fact: int 
     for fact in facts:
         wrong: list[str] = []
         for _ in range(4 * rejected_per_fact):
-            candidate = near_miss(fact, rng)
+            candidate = near_miss(fact, rng, misses)
             if candidate not in wrong and candidate != fact.answer:
                 wrong.append(candidate)
             if len(wrong) == rejected_per_fact:
@@ -129,6 +133,12 @@ class PairSettings:
             style) and ``cross`` (a correct answer in another style over a near miss in the preferred style, so that
             the style never outweighs correctness); opt-in ``restatement`` (the preferred sentence over the same
             sentence restating the question wrongly; not yet measured, see docs/rlhf.md).
+        misses: the kinds of wrong answer (:data:`lit_ft.data.gold.MISS_KINDS`, the errors the SFT policy makes,
+            docs/rlhf.md): ``swap`` (two neighbours of a reversal or sort swapped), ``item`` (one item changed),
+            ``length`` (one item dropped or added), ``off_by_one`` (a number off by one), ``far`` (a number of as many
+            digits at least 2 away). Each wrong answer is one kind drawn uniformly among those fitting its fact.
+            Default ``[swap, off_by_one]``, the nearest misses: with all five the reward model ranked fewer held-out
+            and fewer on-policy pairs right (docs/rlhf.md, fourth session).
         rejected_per_fact: ``near_miss`` training pairs per fact, each with a different wrong answer (1: one near
             miss; the held-out split always has 1).
         extra_facts: fresh facts of the same tasks added to the training pairs (never a held-out question), so that
@@ -137,6 +147,7 @@ class PairSettings:
 
     labels: Literal["gold", "near_miss"] = "gold"
     kinds: list[PairKind] = field(default_factory=lambda: list(PAIR_KINDS))
+    misses: list[MissKind] = field(default_factory=lambda: list(NEAREST_MISSES))
     rejected_per_fact: int = 1
     extra_facts: int = 0
 
@@ -146,14 +157,17 @@ class PairSettings:
         unknown = sorted(set(self.kinds) - set(ALL_PAIR_KINDS))
         if unknown or not self.kinds:
             raise DataError(f"pairs.kinds: expected some of {', '.join(ALL_PAIR_KINDS)}, got {list(self.kinds)}")
+        unknown = sorted(set(self.misses) - set(MISS_KINDS))
+        if unknown or not self.misses:
+            raise DataError(f"pairs.misses: expected some of {', '.join(MISS_KINDS)}, got {list(self.misses)}")
         if self.rejected_per_fact < 1:
             raise DataError(f"rejected_per_fact must be >= 1, got {self.rejected_per_fact}")
 
     def records(self, facts: Sequence[Fact], seed: int, heldout: bool) -> list[dict]:
         """The pairs of ``facts`` (``heldout``: one near miss per fact)."""
         if self.labels == "gold":
-            return gold_pair_records(facts, seed, self.kinds)
-        return preference_records(facts, seed, 1 if heldout else self.rejected_per_fact)
+            return gold_pair_records(facts, seed, self.kinds, self.misses)
+        return preference_records(facts, seed, 1 if heldout else self.rejected_per_fact, self.misses)
 
 
 @dataclass(frozen=True)

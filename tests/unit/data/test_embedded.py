@@ -21,7 +21,7 @@ from lit_ft.data.embedded import (
     preference_records,
 )
 from lit_ft.data.formats import format_alpaca_prompt
-from lit_ft.data.gold import PAIR_KINDS, gold_pair_records, gold_rank
+from lit_ft.data.gold import MISS_KINDS, PAIR_KINDS, gold_pair_records, gold_rank
 from lit_ft.data.preference_formats import tokenize_pair
 from lit_ft.data.sources import DataError
 from lit_ft.data.synthetic import split_facts
@@ -96,6 +96,9 @@ PINNED_TOKENS = {
     "ppo": ((1521, "fb1ffcd84f0720d5"), (200, "2bb1f9cb09c90fdd"), True),
 }
 PINNED_PPO_TASKS = "d92128828d50f5fe"  # the task family of each held-out prompt
+# near_miss(fact, random.Random(3)) of the first 8 SFT facts, from the code before ``misses`` existed (9011cdd)
+FIRST_DESIGN_MISSES = [("7", "6"), ("2 3 6", "3 2 6"), ("2", "3"), ("3", "4"), ("5", "4"), ("20", "19"), ("3", "4"),
+                  ("9", "10")]
 
 
 @pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s == "rm" else s
@@ -119,19 +122,55 @@ def test_stage_configs_give_the_pinned_token_rows_and_heldout_prompts(stage: str
 
 
 # ------------------------------------------------------------------------------------------ embedded pairs
-def test_near_misses_are_plausible_and_wrong() -> None:
+def _miss_kind(fact, wrong: str) -> str:
+    """Which error ``wrong`` makes, read off the strings (independently of how near_miss builds it)."""
+    if fact.task in ("reverse", "sort"):
+        got, right = wrong.split(), fact.answer.split()
+        if len(got) != len(right):
+            assert abs(len(got) - len(right)) == 1
+            return "length"
+        assert all(len(item) == 1 for item in got) and all(item.isdigit() == (fact.task == "sort") for item in got)
+        differing = [i for i, (a, b) in enumerate(zip(got, right)) if a != b]
+        if len(differing) == 2 and sorted(got) == sorted(right) and differing[1] == differing[0] + 1:
+            return "swap"
+        assert len(differing) == 1
+        return "item"
+    distance = abs(int(wrong) - int(fact.answer))
+    assert len(wrong) == len(fact.answer) or distance == 1
+    return "off_by_one" if distance == 1 else "far"
+
+
+@pytest.mark.parametrize("kinds", [("swap", "off_by_one"), ("item",), ("length", "far"), ("swap", "item", "length", "off_by_one",
+                                                                                    "far")])
+def test_near_misses_are_wrong_answers_of_the_asked_kinds(kinds) -> None:
     import random
 
     train, _ = split_facts()
     rng = random.Random(0)
-    for fact in train[:300]:
-        wrong = near_miss(fact, rng)
-        assert wrong != fact.answer
-        if fact.task in ("reverse", "sort"):
-            assert sorted(wrong.split()) == sorted(fact.answer.split()) or len(wrong) == len(fact.answer)
-            assert sum(a != b for a, b in zip(wrong.split(), fact.answer.split())) in (1, 2)
-        else:
-            assert abs(int(wrong) - int(fact.answer)) == 1
+    seen = {"sequence": set(), "number": set()}
+    for fact in train[:600]:
+        wrong = near_miss(fact, rng, kinds)
+        assert wrong != fact.answer and gold_rank(fact.question, wrong) == 0
+        kind = _miss_kind(fact, wrong)
+        sequence = fact.task in ("reverse", "sort")
+        fitting = {"swap", "item", "length"} if sequence else {"off_by_one", "far"}
+        # a kind that fits the fact; the nearest miss (swap / off_by_one) when none of ``kinds`` fits; a swap of all-equal
+        # items falls back to changing one item
+        assert kind in (set(kinds) & fitting or {"swap" if sequence else "off_by_one"}) | ({"item"} if "swap" in kinds
+                                                                                  else set())
+        seen["sequence" if sequence else "number"].add(kind)
+    for group, fitting in (("sequence", {"swap", "item", "length"}), ("number", {"off_by_one", "far"})):
+        assert seen[group] >= set(kinds) & fitting  # every asked kind occurs
+
+
+def test_nearest_misses_are_the_first_designs() -> None:
+    """The default misses (swap, off_by_one) are the first design's, to the byte (pinned before the kinds existed)."""
+    import random
+
+    train, _ = split_facts()
+    rng = random.Random(3)
+    wrong = [near_miss(fact, rng) for fact in train[:8]]
+    assert [(f.answer, w) for f, w in zip(train[:8], wrong)] == FIRST_DESIGN_MISSES
 
 
 def test_embedded_pairs_are_gold_labelled_on_the_sft_split_with_the_alpaca_prompt(tokenizer) -> None:
@@ -152,6 +191,11 @@ def test_embedded_pairs_are_gold_labelled_on_the_sft_split_with_the_alpaca_promp
     assert {r["kind"] for r in only} == {"cross"} and len(only) == 200
     with pytest.raises(DataError, match="pairs.kinds"):
         PairSettings(kinds=["style", "length"])
+    every = EmbeddedWorld(pairs=PairSettings(misses=list(MISS_KINDS))).splits("preference").val
+    assert every != heldout and gold_pair_records(sft_heldout, 1242, misses=MISS_KINDS) == every
+    for bad in (["swap", "style"], []):
+        with pytest.raises(DataError, match="pairs.misses"):
+            PairSettings(misses=bad)
 
 
 def test_near_miss_pairs_on_request(tokenizer) -> None:
