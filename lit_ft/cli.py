@@ -50,6 +50,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
@@ -256,11 +257,18 @@ class LitFtCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The standard callbacks that are on (a group set to null is off); with ``trainer.enable_checkpointing:
-        false`` the checkpoint groups are off too."""
+        false`` the checkpoint groups are off too. The progress bar, when on and none is configured, is
+        :class:`lit_ft.callbacks.progress.StepProgressBar`."""
         trainer = dict(self._get(self.config_init, "trainer", default={}), **kwargs)
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks = [c for c in callbacks if c is not None and not (
             trainer.get("enable_checkpointing") is False and isinstance(c, LightningModelCheckpoint))]
+        configured = list(trainer.get("callbacks") or []) + callbacks
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar)
+                                                                       for c in configured):
+            from lit_ft.callbacks.progress import StepProgressBar  # Lightning's would say "Epoch 3/-2"
+
+            callbacks.append(StepProgressBar())
         return self._instantiate_trainer(trainer, callbacks)
 
     def _parse_ckpt_path(self) -> None:
