@@ -154,12 +154,9 @@ class PairSettings:
     def __post_init__(self) -> None:
         if self.labels not in ("gold", "near_miss"):
             raise DataError(f"pairs.labels must be 'gold' or 'near_miss', got {self.labels!r}")
-        unknown = sorted(set(self.kinds) - set(ALL_PAIR_KINDS))
-        if unknown or not self.kinds:
-            raise DataError(f"pairs.kinds: expected some of {', '.join(ALL_PAIR_KINDS)}, got {list(self.kinds)}")
-        unknown = sorted(set(self.misses) - set(MISS_KINDS))
-        if unknown or not self.misses:
-            raise DataError(f"pairs.misses: expected some of {', '.join(MISS_KINDS)}, got {list(self.misses)}")
+        for name, given, allowed in (("kinds", self.kinds, ALL_PAIR_KINDS), ("misses", self.misses, MISS_KINDS)):
+            if not given or set(given) - set(allowed):
+                raise DataError(f"pairs.{name}: expected some of {', '.join(allowed)}, got {list(given)}")
         if self.rejected_per_fact < 1:
             raise DataError(f"rejected_per_fact must be >= 1, got {self.rejected_per_fact}")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -256,8 +257,15 @@ SEQUENCE_TASKS = ("reverse", "sort")  # families whose answer is a spaced list o
 
 
 def _other_item(item: str, rng: random.Random) -> str:
-    alphabet = "0123456789" if item.isdigit() else "abcdefghijklmnopqrstuvwxyz"
+    """Another digit for a digit, another letter for a letter, drawn uniformly."""
+    alphabet = string.digits if item.isdigit() else string.ascii_lowercase
     return rng.choice([c for c in alphabet if c != item])
+
+
+def _next_item(item: str) -> str:
+    """The next digit or letter, wrapping around (9 -> 0, z -> a)."""
+    alphabet = string.digits if item.isdigit() else string.ascii_lowercase
+    return alphabet[(alphabet.index(item) + 1) % len(alphabet)]
 
 
 def near_miss(fact: Fact, rng: random.Random, kinds: Sequence[str] = NEAREST_MISSES) -> str:
@@ -286,8 +294,7 @@ def near_miss(fact: Fact, rng: random.Random, kinds: Sequence[str] = NEAREST_MIS
                 items[i], items[i + 1] = items[i + 1], items[i]
             else:  # every item equal: change one by one step
                 i = rng.randrange(len(items))
-                items[i] = (chr((ord(items[i]) - 97 + 1) % 26 + 97) if items[i].isalpha()
-                            else str((int(items[i]) + 1) % 10))
+                items[i] = _next_item(items[i])
         return " ".join(items)
     n = int(fact.answer)
     if kind == "far":  # as many digits as the answer: a wrong answer of the same form (a digit for a maximum)
@@ -319,12 +326,7 @@ def misstated(question: Question, rng: random.Random) -> Question:
     items = values[name].split(" ")
     i = rng.randrange(len(items))
     item = items[i]
-    if item.isdigit() and len(items) == 1:
-        items[i] = str(int(item) + 1)
-    elif item.isdigit():
-        items[i] = str((int(item) + 1) % 10)
-    else:
-        items[i] = chr((ord(item) - 97 + 1) % 26 + 97)
+    items[i] = str(int(item) + 1) if item.isdigit() and len(items) == 1 else _next_item(item)
     values[name] = " ".join(items)
     return Question(question.task, tuple(values.items()), question.answer)
 

@@ -449,9 +449,7 @@ class CheckpointContract:
         restored, self._restored_step = getattr(self, "_restored_step", None), None
         max_steps = trainer.max_steps
         if restored is None or max_steps is None or max_steps < 0 or restored < max_steps:
-            return
-        if trainer.global_step != restored:  # the loop ran (cannot happen at max_steps; never finish twice)
-            return
+            return  # the loop ran (a checkpoint past max_steps is refused before it loads)
         rank_zero_only(print)(f"lit_ft: resume: the checkpoint is already at trainer.max_steps={max_steps}: "
                               "nothing to train; finishing the run (end-of-training evaluation and export)")
         for hook in ("on_train_start", "on_train_end"):
