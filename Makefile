@@ -7,9 +7,10 @@ LITFT := $(BIN)/lit-ft
 BASE := artifacts/base/tiny-mistral
 SFT_ADAPTER := artifacts/sft/adapter/adapter_config.json
 RM_EXPORT := artifacts/rm/reward_stats.json
+PAIRS := artifacts/pairs/train.jsonl artifacts/pairs/heldout.jsonl
 ARGS ?=
 
-.PHONY: help install pretrain sft rm ppo dpo grpo pipeline test test-all bench bench-rl bench-packing bench-memory gpu-check estimate sweep lint clean
+.PHONY: help install pretrain sft pairs rm ppo dpo grpo pipeline test test-all bench bench-rl bench-packing bench-memory gpu-check estimate sweep lint clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets (this)
@@ -42,12 +43,21 @@ sft: $(BASE)/config.json ## LoRA SFT on the embedded tasks (runs/sft, artifacts/
 $(SFT_ADAPTER): $(BASE)/config.json
 	$(LITFT) fit --config configs/sft.yaml
 
-$(RM_EXPORT): $(SFT_ADAPTER)
+$(RM_EXPORT): $(PAIRS)
 	$(LITFT) fit --config configs/rm.yaml
 
-# The reward model starts from the SFT adapter (made first when absent). `lit-ft fit --config configs/rm.yaml`
-# alone starts from the base model when there is no SFT adapter.
-rm: $(SFT_ADAPTER) ## reward model on preference pairs (runs/rm, artifacts/rm)
+# The reward model's pairs: the SFT policy's own answers (8 a question at temperature 0.7), every two that the gold
+# judge ranks differently a pair. Training questions (the SFT ones and 4000 fresh ones) and held-out questions go
+# to separate files. Made again whenever the SFT adapter is newer than they are.
+artifacts/pairs/%.jsonl: $(SFT_ADAPTER)
+	$(LITFT) pairs --adapter artifacts/sft/adapter --embedded $* $(if $(filter train,$*),--extra_facts 4000) --out $@
+
+pairs: $(SFT_ADAPTER) ## the reward model's pairs: the SFT policy's samples ranked by the gold judge (artifacts/pairs)
+	rm -f $(PAIRS)
+	$(MAKE) $(PAIRS)
+
+# The reward model starts from the SFT adapter; its pairs are made first when absent or older than the adapter.
+rm: $(PAIRS) ## reward model on the judged pairs (runs/rm, artifacts/rm)
 	$(LITFT) fit --config configs/rm.yaml $(ARGS)
 
 # PPO of the SFT policy against the reward model (both made first when absent).
@@ -62,9 +72,11 @@ dpo: $(SFT_ADAPTER) ## DPO of the SFT policy on gold-labelled pairs, no reward m
 grpo: $(SFT_ADAPTER) ## GRPO of the SFT policy with programmatic rewards, G samples per prompt (runs/grpo)
 	$(LITFT) fit --config configs/grpo.yaml $(ARGS)
 
-# The whole post-training pipeline on the embedded default: pre-train (once), SFT, reward model, PPO.
-pipeline: ## sft, rm, then ppo
+# The whole post-training pipeline on the embedded default: pre-train (once), SFT, the SFT policy's judged pairs,
+# reward model, PPO.
+pipeline: ## sft, pairs, rm, then ppo
 	$(MAKE) sft
+	$(MAKE) pairs
 	$(MAKE) rm
 	$(MAKE) ppo
 

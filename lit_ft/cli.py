@@ -84,6 +84,7 @@ TOOLS = {
     "estimate": "lit_ft.tools.estimate",
     "export": "lit_ft.tools.export",
     "generate": "lit_ft.tools.generate",
+    "pairs": "lit_ft.tools.pairs",
     "sweep": "lit_ft.tools.sweep",
     "report": "lit_ft.tools.report",
     "chat": "lit_ft.tools.chat",

@@ -62,7 +62,7 @@ from lit_ft.data.synthetic import (
 # Each record set is a pure function of the world seed; these offsets give each its own random stream.
 PAIRS_TRAIN_SEED_OFFSET = 7  # near misses of the training pairs
 PAIRS_HELDOUT_SEED_OFFSET = 8  # near misses of the held-out pairs
-PAIRS_EXTRA_SEED_OFFSET = 11  # the reward model's fresh facts
+PAIRS_EXTRA_SEED_OFFSET = 11  # fresh facts: the reward model's pairs, the prompts `lit-ft pairs` samples on
 STYLE_TRAIN_SEED_OFFSET = 5  # answer styles of the SFT demonstrations
 STYLE_VAL_SEED_OFFSET = 6  # answer styles of the held-out demonstrations (validation loss)
 TEXT_VAL_SEED_OFFSET = 99  # the corpus's validation facts
@@ -177,12 +177,17 @@ class PromptSettings:
         balance_tasks: repeat each family's training prompts up to the largest family's count, so that each family
             is equally likely in a rollout batch (add and successor have under 100 distinct questions, the other
             families ~450); False: as generated.
+        extra_facts: fresh facts of the same tasks added to the training prompts, never a held-out question: the
+            same fresh facts as ``pairs.extra_facts`` (``lit-ft pairs`` samples the policy on them; 0: none).
     """
 
     tasks: list[str] | None = None
     balance_tasks: bool = False
+    extra_facts: int = 0
 
     def __post_init__(self) -> None:
+        if self.extra_facts < 0:
+            raise DataError(f"prompts.extra_facts must be >= 0, got {self.extra_facts}")
         unknown = sorted(set(self.tasks or ()) - set(TASKS))
         if unknown:
             raise DataError(f"unknown embedded task(s) {', '.join(unknown)} (expected some of {', '.join(TASKS)})")
@@ -231,6 +236,15 @@ class EmbeddedWorld:
         """(SFT-train facts, held-out facts): disjoint, no question in both."""
         return split_facts(self.world_seed, self.num_train, self.num_heldout)
 
+    def fresh_facts(self, n: int) -> list[Fact]:
+        """Of ``n`` fresh facts of the world's tasks, those that ask no SFT or held-out question (the same ones for
+        the reward model's pairs and for the prompts ``lit-ft pairs`` samples on)."""
+        if n <= 0:
+            return []
+        train, heldout = self.facts()
+        seen = {f.question for f in train + heldout}
+        return [f for f in generate_facts(n, self.world_seed + PAIRS_EXTRA_SEED_OFFSET) if f.question not in seen]
+
     def splits(self, shape: RecordShape) -> RecordSplits:
         """The records of one data shape (``text``, ``instruction``, ``preference`` or ``prompt``)."""
         train, heldout = self.facts()
@@ -242,15 +256,13 @@ class EmbeddedWorld:
                    for i in range(0, TEXT_VAL_FACTS, 2)]
             return RecordSplits(docs, val, heldout=instruction_records(heldout), checkable=True)
         if shape == "preference":
-            if self.pairs.extra_facts:  # fresh facts of the same tasks; never a held-out question
-                seen = {f.question for f in train + heldout}
-                extra = generate_facts(self.pairs.extra_facts, self.world_seed + PAIRS_EXTRA_SEED_OFFSET)
-                train = train + [f for f in extra if f.question not in seen]
+            train = train + self.fresh_facts(self.pairs.extra_facts)
             val = self.pairs.records(heldout, self.world_seed + PAIRS_HELDOUT_SEED_OFFSET, heldout=True)
             first = {r["instruction"]: r for r in reversed(val)}  # one pair per held-out question, for its prompt
             return RecordSplits(self.pairs.records(train, self.world_seed + PAIRS_TRAIN_SEED_OFFSET, heldout=False),
                                 val, heldout=[first[f.question] for f in heldout])
         if shape == "prompt":
+            train = train + self.fresh_facts(self.prompts.extra_facts)
             if self.prompts.tasks is not None:
                 train = [f for f in train if f.task in self.prompts.tasks]
             if self.prompts.balance_tasks:

@@ -14,8 +14,10 @@ module stores them and batches them. The embedded pairs come from :class:`lit_ft
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,11 +46,13 @@ from lit_ft.data.records import (
     BuiltSplit,
     Lengths,
     RecordsDataModule,
+    RecordShape,
     RecordSource,
+    RecordSplits,
     at_least,
     progress,
 )
-from lit_ft.data.sources import DataError, Location
+from lit_ft.data.sources import DataError, Location, load_records_with_locations
 from lit_ft.padding import pad_rows, position_ids_from_mask, round_up
 
 PADDING_SIDES = ("right", "left")
@@ -58,6 +62,7 @@ __all__ = [
     "PREFERENCE_FORMATS",
     "DPODataModule",
     "EmptyResponse",
+    "JudgedPairs",
     "PackedPairCollator",
     "PaddedPairCollator",
     "PairStats",
@@ -78,6 +83,56 @@ __all__ = [
     "tokenize_pair",
     "truncate_pair",
 ]
+
+
+# ------------------------------------------------------------------------------------------ judged pairs
+PROMPT_KEYS = ("instruction", "input", "prompt", "messages")  # what makes two records the same prompt
+
+
+@dataclass(frozen=True)
+class JudgedPairs:
+    """The pairs ``lit-ft pairs`` wrote (a policy's own samples, ranked by a judge) as a record source for the reward
+    model (shape ``preference``): the training file, and the held-out file as validation and held-out accuracy.
+
+    A prompt in both files is an error, not a warning: the held-out accuracy would count questions the reward model
+    trained on. In YAML (``configs/rm.yaml``)::
+
+        source:
+          class_path: lit_ft.data.preference.JudgedPairs
+          init_args: {train: artifacts/pairs/train.jsonl, heldout: artifacts/pairs/heldout.jsonl}
+
+    Args:
+        train: JSONL of the training pairs (``lit-ft pairs --embedded train``: SFT training questions and fresh ones).
+        heldout: JSONL of the held-out pairs (``lit-ft pairs --embedded heldout``: the held-out questions).
+    """
+
+    train: str = "artifacts/pairs/train.jsonl"
+    heldout: str = "artifacts/pairs/heldout.jsonl"
+
+    def splits(self, shape: RecordShape) -> RecordSplits:
+        if shape != "preference":
+            raise DataError(f"judged pairs are preference records; a '{shape}' stage cannot read them")
+        train, heldout = self._read(self.train), self._read(self.heldout)
+        seen = {_prompt_key(r) for r in train}
+        shared = [r for r in heldout if _prompt_key(r) in seen]
+        if shared:
+            raise DataError(f"{len(shared)} held-out pair(s) ask a prompt of the training pairs, e.g. "
+                            f"{shared[0].get('instruction', shared[0].get('prompt'))!r}", self.heldout)
+        first = {_prompt_key(r): r for r in reversed(heldout)}  # one record per held-out prompt, for its prompt
+        return RecordSplits(train, heldout, heldout=list(reversed(first.values())))
+
+    @staticmethod
+    def _read(path: str) -> list[dict]:
+        if not Path(path).expanduser().is_file():
+            raise DataError("file not found (`lit-ft pairs` writes it; `make pairs` for the embedded world)", path)
+        records, _ = load_records_with_locations(path)
+        if not records:
+            raise DataError("no records", path)
+        return records
+
+
+def _prompt_key(record: dict) -> str:
+    return json.dumps([record.get(k) for k in PROMPT_KEYS])
 
 
 # ------------------------------------------------------------------------------------------ datasets, batches

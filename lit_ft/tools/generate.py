@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _models_to_load(args: argparse.Namespace, parser: argparse.ArgumentParser
+def models_to_load(args: argparse.Namespace, parser: argparse.ArgumentParser
                     ) -> tuple[str, str | None, BaseRecord | None]:
     """(base, adapter, the adapter's record) for the tuned side, or (model, None, None) for a plain model."""
     if args.adapter and args.model:
@@ -272,7 +272,7 @@ def _models_to_load(args: argparse.Namespace, parser: argparse.ArgumentParser
         base, record = adapter_source(args.adapter, args.base)
         return base, args.adapter, record
     if args.model or args.base:
-        if args.compare and not (args.model and args.base):
+        if getattr(args, "compare", False) and not (args.model and args.base):
             parser.error("--compare needs --adapter, or --model with --base")
         return args.model or args.base, None, None
     parser.error("give --adapter, --model or --base")
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if (args.file is None) == (args.prompt is None):
         parser.error("give either --prompt (repeatable) or --file")
-    source, adapter, record = _models_to_load(args, parser)
+    source, adapter, record = models_to_load(args, parser)
     sampling = sampling_from(args)
     trained_format, trained_template = trained_prompt_format(record, args.model)
     fmt = args.format or trained_format or "alpaca"

@@ -39,7 +39,7 @@ PINNED = {
         "val": (200, "3ce1cd0234df7264", {"instruction": "What number comes after 1?", "input": "", "output": "Answer: 2", "task": "successor", "style": "label"}),
         "heldout": (200, "18543d420ceac230", {"instruction": "What number comes after 1?", "input": "", "output": "2", "task": "successor"}),
     },
-    "rm": {  # issue 16: gold-labelled pairs, one of each kind (style, correctness, cross, restatement) per fact
+    "rm_generated": {  # issue 16's generated pairs, one of each kind (style, correctness, cross, restatement) per fact
         "train": (17013, "559e51ad27710dc9", {"instruction": "What is the largest of 6 7 7?", "input": "", "chosen": "7 is the largest of 6 7 7.", "rejected": "7", "task": "max", "kind": "style"}),
         "val": (694, "f9a4c045e693a7d1", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
         "heldout": (200, "c452a35a50c33724", {"instruction": "What number comes after 1?", "input": "", "chosen": "2 comes after 1.", "rejected": "Answer: 2", "task": "successor", "kind": "style"}),
@@ -55,14 +55,23 @@ def digest(records: list[dict]) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The reward model's generated pairs: configs/rm.yaml's source before the judged pairs of `lit-ft pairs`, and the
+# alternative its comments give (a near miss written for every fact, lit_ft.data.gold).
+GENERATED_PAIRS = {"class_path": "lit_ft.data.embedded.EmbeddedWorld", "init_args": {"pairs": {
+    "kinds": ["style", "correctness", "cross", "restatement"], "extra_facts": 4000, "misses": ["swap", "off_by_one"]}}}
+
+
 def stage_data(stage: str):
-    """The data module of ``configs/<stage>.yaml``, instantiated from its YAML as ``lit-ft`` does."""
+    """The data module of ``configs/<stage>.yaml``, instantiated from its YAML as ``lit-ft`` does
+    (``rm_generated``: configs/rm.yaml with the generated pairs)."""
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data")
-    config = yaml.safe_load((ROOT / "configs" / f"{stage}.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / f"{stage.removesuffix('_generated')}.yaml").read_text())
+    if stage == "rm_generated":
+        config["data"]["init_args"]["source"] = GENERATED_PAIRS
     return parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
 
 
@@ -92,7 +101,7 @@ def test_stage_configs_give_the_pinned_records(stage: str) -> None:
 PINNED_TOKENS = {
     "pretrain": ((657, "9711cb1377edf4de"), (200, "2bb1f9cb09c90fdd"), True),
     "sft": ((205, "f24f62676f3662e9"), (200, "2bb1f9cb09c90fdd"), True),
-    "rm": ((17013, "851bfd6b7a41387c"), None, False),
+    "rm_generated": ((17013, "851bfd6b7a41387c"), None, False),
     "ppo": ((1521, "fb1ffcd84f0720d5"), (200, "2bb1f9cb09c90fdd"), True),
 }
 PINNED_PPO_TASKS = "d92128828d50f5fe"  # the task family of each held-out prompt
@@ -101,7 +110,7 @@ FIRST_DESIGN_MISSES = [("7", "6"), ("2 3 6", "3 2 6"), ("2", "3"), ("3", "4"), (
                   ("9", "10")]
 
 
-@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s == "rm" else s
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s == "rm_generated" else s
                                    for s in sorted(PINNED_TOKENS)])  # rm: 17013 pairs, ~30 s to tokenize
 def test_stage_configs_give_the_pinned_token_rows_and_heldout_prompts(stage: str, tokenizer, capsys) -> None:
     """What training and evaluation see: the tokenized rows and the rendered held-out prompts, as before."""

@@ -119,3 +119,41 @@ def test_embedded_pairs_are_held_out_prompts_without_references(tokenizer) -> No
     items = dm.heldout()
     assert not dm.checkable and len(items) == 4
     assert all(item.reference is None and item.prompt.text.endswith("### Response:\n") for item in items)
+
+
+# ------------------------------------------------------------------------------------------------ judged pairs
+def _judged(question: str, chosen: str, rejected: str) -> dict:
+    return {"instruction": question, "input": "", "task": "add", "chosen": chosen, "rejected": rejected,
+            "chosen_score": 2.0, "rejected_score": 0.0}
+
+
+def test_judged_pairs_are_the_training_file_and_the_heldout_file(tokenizer, tmp_path: Path) -> None:
+    from lit_ft.data.preference import JudgedPairs
+
+    train = _write_jsonl(tmp_path / "train.jsonl", [_judged("What is 1 + 2?", "3", "4"),
+                                                    _judged("What is 1 + 2?", "3 is the sum of 1 and 2.", "4"),
+                                                    _judged("What is 2 + 2?", "4", "5")])
+    heldout = _write_jsonl(tmp_path / "heldout.jsonl", [_judged("What is 5 + 2?", "7", "8"),
+                                                        _judged("What is 5 + 2?", "7", "6"),
+                                                        _judged("What is 6 + 1?", "7", "9")])
+    dm = PreferenceDataModule(JudgedPairs(train, heldout), max_seq_length=128)
+    dm.connect(tokenizer)
+    dm.setup("fit")
+    assert (dm.stats_train.pairs, dm.stats_val.pairs) == (3, 3)
+    assert [item.prompt.text for item in dm.heldout()] == [dm.heldout()[0].prompt.text.replace("5 + 2", x)
+                                                           for x in ("5 + 2", "6 + 1")]  # one per held-out prompt
+
+
+def test_judged_pairs_refuse_a_heldout_prompt_that_was_trained_on(tmp_path: Path) -> None:
+    from lit_ft.data.preference import JudgedPairs
+
+    train = _write_jsonl(tmp_path / "train.jsonl", [_judged("What is 1 + 2?", "3", "4")])
+    heldout = _write_jsonl(tmp_path / "heldout.jsonl", [_judged("What is 5 + 2?", "7", "8"),
+                                                        _judged("What is 1 + 2?", "3", "5")])
+    with pytest.raises(DataError, match=r"heldout\.jsonl: 1 held-out pair\(s\) ask a prompt of the training pairs, "
+                                        r"e\.g\. 'What is 1 \+ 2\?'"):
+        JudgedPairs(train, heldout).splits("preference")
+    with pytest.raises(DataError, match=r"missing\.jsonl: file not found \(`lit-ft pairs` writes it"):
+        JudgedPairs(train, str(tmp_path / "missing.jsonl")).splits("preference")
+    with pytest.raises(DataError, match="judged pairs are preference records; a 'prompt' stage cannot read them"):
+        JudgedPairs(train, heldout).splits("prompt")

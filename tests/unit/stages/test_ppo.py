@@ -347,14 +347,20 @@ def test_evaluation_reports_gold_exact_match_reward_model_and_kl(stages, capsys)
 
 
 def test_no_heldout_prompt_in_reward_model_or_ppo_training_data(tokenizer) -> None:
-    """The reward model's pairs and PPO's prompts (as configs/rm.yaml and configs/ppo.yaml make them) never ask a
-    held-out question; the held-out evaluation asks exactly the held-out questions."""
+    """The reward model's pairs (the questions `make pairs` samples the SFT policy on, and the generated pairs DPO
+    reads) and PPO's prompts (as configs/ppo.yaml makes them) never ask a held-out question; the held-out evaluation
+    asks exactly the held-out questions. (lit_ft.data.preference.JudgedPairs refuses a held-out file that shares a
+    prompt with its training file: tests/unit/data/test_preference.py.)"""
     from lit_ft.data.embedded import PairSettings, PromptSettings
     from lit_ft.data.formats import format_alpaca_prompt
     from lit_ft.data.synthetic import split_facts
+    from lit_ft.tools.pairs import embedded_rows
 
     _, heldout = split_facts(1234, 2000, 200)
     held = {f.question for f in heldout}
+    sampled_on = {r["instruction"] for r in embedded_rows("train", 4000)[0]}  # as the Makefile runs lit-ft pairs
+    assert len(sampled_on) > 5000 and not held & sampled_on
+    assert {r["instruction"] for r in embedded_rows("heldout", 0)[0]} == held
     pairs = EmbeddedWorld(pairs=PairSettings(extra_facts=4000)).splits("preference")
     assert not held & {r["instruction"] for r in pairs.train}
     assert {r["instruction"] for r in pairs.val} == held

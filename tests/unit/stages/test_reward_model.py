@@ -288,16 +288,22 @@ def test_score_cli_on_a_tiny_export(tmp_path, tiny_base, capsys) -> None:
 def test_rm_config_runs_from_the_sft_adapter_or_the_base(tmp_path, monkeypatch, tiny_base, capsys) -> None:
     """configs/rm.yaml as `make rm` runs it, shortened: falls back to the base when there is no SFT adapter."""
     from lit_ft.cli import main
+    from lit_ft.data.embedded import EmbeddedWorld
 
     monkeypatch.chdir(tmp_path)
+    splits = EmbeddedWorld(num_train=32, num_heldout=8).splits("preference")  # where `make pairs` writes its pairs
+    (tmp_path / "artifacts" / "pairs").mkdir(parents=True)
+    for name, records in (("train", splits.train), ("heldout", splits.val)):
+        (tmp_path / "artifacts" / "pairs" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     args = config_command(ROOT / "configs" / "rm.yaml") + [
         f"--model.init_args.backbone.pretrained={tiny_base}", "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2", "--data.source.num_train=32", "--data.source.num_heldout=8",
-        "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
+        "--trainer.val_check_interval=2", "--trainer.logger=false", "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false"]
     main(args)
     out = capsys.readouterr().out
     assert "reward model: no adapter at artifacts/sft/adapter: starting from the base model" in out
-    assert "held-out pairwise accuracy:" in out and (tmp_path / "artifacts" / "rm" / "reward_stats.json").exists()
+    assert "held-out pairwise accuracy:" in out and f"({len(splits.val)} pairs)" in out
+    assert (tmp_path / "artifacts" / "rm" / "reward_stats.json").exists()
     # With an SFT adapter in place it starts from it (its r=16 comes along).
     sft = tmp_path / "artifacts" / "sft" / "adapter"
     sft.parent.mkdir(parents=True)
