@@ -48,9 +48,10 @@ $(RM_EXPORT): $(PAIRS)
 
 # The reward model's pairs: the SFT policy's own answers (8 a question at temperature 0.7), every two that the gold
 # judge ranks differently a pair. Training questions (the SFT ones and 4000 fresh ones) and held-out questions go
-# to separate files. Made again whenever the SFT adapter is newer than they are.
+# to separate files. Made again whenever the SFT adapter is newer than they are. PAIRS_ARGS: more lit-ft pairs
+# options, e.g. PAIRS_ARGS=--samples=16.
 artifacts/pairs/%.jsonl: $(SFT_ADAPTER)
-	$(LITFT) pairs --adapter artifacts/sft/adapter --embedded $* $(if $(filter train,$*),--extra_facts 4000) --out $@
+	$(LITFT) pairs --adapter artifacts/sft/adapter --embedded $* $(if $(filter train,$*),--extra_facts 4000) --out $@ $(PAIRS_ARGS)
 
 pairs: $(SFT_ADAPTER) ## the reward model's pairs: the SFT policy's samples ranked by the gold judge (artifacts/pairs)
 	rm -f $(PAIRS)

@@ -1,6 +1,6 @@
 """``lit-ft pairs``: sample a policy's responses, rank them with a judge, and write the preference pairs (JSONL).
 
-    lit-ft pairs --adapter artifacts/sft/adapter --embedded train --extra_facts 2000 --out artifacts/pairs/train.jsonl
+    lit-ft pairs --adapter artifacts/sft/adapter --embedded train --extra_facts 4000 --out artifacts/pairs/train.jsonl
     lit-ft pairs --adapter artifacts/sft/adapter --embedded heldout --out artifacts/pairs/heldout.jsonl
     lit-ft pairs --adapter out/sft --file prompts.jsonl --judge my_pkg.judges.Rubric --samples 4 --out pairs.jsonl
 
@@ -27,9 +27,11 @@ The file is written whole or not at all (``OUT.partial`` until the last prompt).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import itertools
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -61,11 +63,13 @@ def ranked_pairs(responses: Sequence[str], scores: Sequence[float]) -> list[tupl
     """(chosen, rejected, chosen score, rejected score) for every two distinct responses with different scores.
 
     Responses are compared once each: a repeated response keeps its first score (a judge that scores one text two
-    ways is not asked to break the tie). Pairs come in the order of first appearance, the better one first.
+    ways is not asked to break the tie), and one the judge could not score (NaN, infinite) is left out. Pairs come
+    in the order of first appearance, the better one first.
     """
     first: dict[str, float] = {}
     for response, score in zip(responses, scores):
-        first.setdefault(response, float(score))
+        if math.isfinite(score):
+            first.setdefault(response, float(score))
     out = []
     for (a, sa), (b, sb) in itertools.combinations(first.items(), 2):
         if sa != sb:
@@ -136,6 +140,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--extra_facts adds training questions: it needs --embedded train")
 
 
+def partial_file(out: Path) -> Path:
+    """``OUT.partial``, created (with OUT's folder) before any model loads: a place that cannot be written is one
+    line, not a traceback after the sampling."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.open("w").close()
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write it ({err.strerror or err})") from None
+    return partial
+
+
 def write_pairs(model: Any, tokenizer: Any, rows: list[dict], prompts: list[Prompt], judge: Any,
                 args: argparse.Namespace, out: Path) -> Counter:
     """Sample, judge and write every prompt's pairs to ``out`` (through ``OUT.partial``); returns the counts."""
@@ -144,8 +162,7 @@ def write_pairs(model: Any, tokenizer: Any, rows: list[dict], prompts: list[Prom
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(args.seed)
     counts: Counter = Counter()
-    partial = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_file(out)
     with partial.open("w") as file, tqdm(total=len(prompts), desc="pairs: sampling", unit="prompt") as bar:
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
@@ -155,7 +172,10 @@ def write_pairs(model: Any, tokenizer: Any, rows: list[dict], prompts: list[Prom
                              num_samples=args.samples)
             texts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
                      for row, m in zip(samples.tokens.cpu(), samples.mask.cpu())]
-            scores = judge([p for p in batch for _ in range(args.samples)], texts).tolist()
+            scores = torch.as_tensor(judge([p for p in batch for _ in range(args.samples)], texts),
+                                     dtype=torch.float64).flatten().tolist()
+            if len(scores) != len(texts):
+                raise ConfigError(f"--judge {args.judge}: gave {len(scores)} scores for {len(texts)} responses")
             for i, prompt in enumerate(batch):
                 row = rows[start + i]
                 span = slice(i * args.samples, (i + 1) * args.samples)
@@ -181,6 +201,7 @@ def main(argv: list[str] | None = None) -> Counter:
     args = parser.parse_args(argv)
     check_args(args)
     judge = load_judge(args.judge)
+    partial_file(Path(args.out)).unlink()  # writable: checked before the model loads
     source, adapter, record = models_to_load(args, parser)
     trained_format, trained_template = trained_prompt_format(record, args.model)
     fmt = args.format or trained_format or "alpaca"

@@ -44,6 +44,9 @@ def test_ranked_pairs_by_hand() -> None:
         (sentence, "9", 2.0, 0.0)]  # 8 and 9 tie: no pair; the second "7" is the first one
     assert ranked_pairs(["a", "a", "b"], [0, 5, 1]) == [("b", "a", 1.0, 0.0)]  # a repeat keeps its first score
     assert ranked_pairs(["a", "b"], [1, 1]) == [] and ranked_pairs(["a"], [3]) == []
+    nan, inf = float("nan"), float("inf")
+    assert ranked_pairs(["a", "b", "c", "d"], [nan, 1, nan, inf]) == []  # unscored responses are not compared
+    assert ranked_pairs(["a", "b", "c"], [nan, 1, 0]) == [("b", "c", 1.0, 0.0)]
 
 
 def test_the_judge_is_a_class_path_and_a_bad_one_is_a_config_error() -> None:
@@ -111,14 +114,30 @@ def test_a_crash_leaves_no_pairs_file(tiny_adapter, tmp_path: Path, monkeypatch)
     assert not (tmp_path / "out.jsonl").exists() and (tmp_path / "out.jsonl.partial").exists()
 
 
+class ShortJudge:
+    """A broken judge: one score too few."""
+
+    def __call__(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        return [0.0] * (len(responses) - 1)
+
+
+def test_a_judge_that_scores_too_few_responses_fails_in_one_line(tiny_adapter, capsys, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    fails_in_one_line(capsys, ["pairs", "--adapter", tiny_adapter, "--file", str(prompts), "--max_new_tokens", "2",
+                               "--judge", f"{__name__}.ShortJudge", "--out", str(tmp_path / "o.jsonl")],
+                      f"--judge {__name__}.ShortJudge: gave 7 scores for 8 responses")
+
+
 @pytest.mark.parametrize(("extra", "expected"), [
     (["--samples", "1"], "--samples must be at least 2"),
     (["--temperature", "0"], "--temperature must be positive"),
     (["--max_prompts", "0"], "--max_prompts must be at least 1"),
     (["--embedded", "heldout", "--extra_facts", "10"], "--extra_facts adds training questions"),
     (["--judge", "no_such_module.Judge"], "--judge no_such_module.Judge: cannot build it"),
+    (["--out", "/proc/no_such_dir/o.jsonl"], "--out /proc/no_such_dir/o.jsonl: cannot write it"),
 ])
 def test_bad_settings_fail_in_one_line_before_loading(extra, expected, capsys, tmp_path: Path) -> None:
     source = [] if "--embedded" in extra else ["--embedded", "train"]
-    fails_in_one_line(capsys, ["pairs", "--adapter", str(tmp_path / "missing"), *source, *extra,
-                               "--out", str(tmp_path / "o.jsonl")], expected)
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "o.jsonl")]
+    fails_in_one_line(capsys, ["pairs", "--adapter", str(tmp_path / "missing"), *source, *extra, *out], expected)
