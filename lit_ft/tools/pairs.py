@@ -18,9 +18,11 @@ loop (:func:`lit_ft.rl.rollout.sample`: the prompt prefilled once for its sample
 Prompts come from the embedded world (``--embedded train``: the SFT training questions, plus ``--extra_facts``
 fresh questions that are never a held-out one; ``--embedded heldout``: the held-out questions, for the reward
 model's validation only) or from a file of records (``instruction`` and ``input``, ``prompt``, or chat
-``messages``), rendered as the adapter was trained. Each output line is the prompt's own fields (``instruction``
-and ``input``, ``prompt`` or ``messages``, and ``task`` when given) with ``chosen``, ``rejected`` and the judge's
-``chosen_score`` and ``rejected_score``: the records :class:`lit_ft.data.preference.PreferenceDataModule` reads.
+``messages``), rendered as the adapter was trained. Each output line holds the prompt as the preference formats
+render it the same way (``instruction`` and ``input`` for Alpaca prompts; ``prompt``, the messages before the
+answer, for chat ones; :func:`pair_prompt`), ``task`` when the row has one, ``chosen``, ``rejected`` and the
+judge's ``chosen_score`` and ``rejected_score``: the records :class:`lit_ft.data.preference.PreferenceDataModule`
+reads.
 The file is written whole or not at all (``OUT.partial`` until the last prompt).
 """
 
@@ -51,12 +53,12 @@ from lit_ft.tools.generate import (
     add_model_flags,
     build_prompts,
     models_to_load,
+    prompt_record,
     prompt_rows,
     trained_prompt_format,
 )
 from lit_ft.tools.loading import add_loading_flags, base_spec, describe, load_with_adapter
 
-PROMPT_FIELDS = ("instruction", "input", "prompt", "messages", "task")  # copied from a prompt row to its pairs
 
 
 def ranked_pairs(responses: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str, float, float]]:
@@ -75,6 +77,25 @@ def ranked_pairs(responses: Sequence[str], scores: Sequence[float]) -> list[tupl
         if sa != sb:
             out.append((a, b, sa, sb) if sa > sb else (b, a, sb, sa))
     return out
+
+
+def pair_prompt(row: dict, fmt: str, location: Location | None = None) -> dict:
+    """The prompt fields of ``row``'s pairs, in the preference format that renders the prompt the policy was given:
+    ``instruction`` and ``input`` (alpaca), ``prompt`` as the conversation before the answer (chat: the row's
+    messages up to its last user turn), or ``prompt`` as text (raw); ``task`` is kept when the row has one."""
+    rendered = prompt_record(row, fmt, location)
+    if fmt == "alpaca":
+        fields: dict[str, Any] = {"instruction": rendered["instruction"], "input": rendered["input"]}
+    elif fmt == "chat":
+        messages = list(rendered["messages"])
+        while messages and messages[-1].get("role") == "assistant":
+            messages.pop()
+        fields = {"prompt": messages}
+    else:
+        fields = {"prompt": rendered["prompt"]}
+    if "task" in row:
+        fields["task"] = row["task"]
+    return fields
 
 
 def load_judge(path: str) -> Any:
@@ -155,7 +176,7 @@ def partial_file(out: Path) -> Path:
 
 
 def write_pairs(model: Any, tokenizer: Any, rows: list[dict], prompts: list[Prompt], judge: Any,
-                args: argparse.Namespace, out: Path) -> Counter:
+                args: argparse.Namespace, out: Path, fmt: str) -> Counter:
     """Sample, judge and write every prompt's pairs to ``out`` (through ``OUT.partial``); returns the counts."""
     from tqdm.auto import tqdm
 
@@ -183,7 +204,7 @@ def write_pairs(model: Any, tokenizer: Any, rows: list[dict], prompts: list[Prom
                 counts["prompts"] += 1
                 counts["prompts without a pair"] += not found
                 for chosen, rejected, high, low in found:
-                    record = {k: row[k] for k in PROMPT_FIELDS if k in row}
+                    record = pair_prompt(row, fmt)
                     record.update(chosen=chosen, rejected=rejected, chosen_score=high, rejected_score=low)
                     file.write(json.dumps(record) + "\n")
                     counts["pairs"] += 1
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> Counter:
     model, tokenizer = load_with_adapter(spec, adapter)
     prompts = build_prompts(rows, tokenizer, fmt, args.chat_template or trained_template, locations)
     began = time.perf_counter()
-    counts = write_pairs(model, tokenizer, rows, prompts, judge, args, Path(args.out))
+    counts = write_pairs(model, tokenizer, rows, prompts, judge, args, Path(args.out), fmt)
     detail = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()) if k not in ("prompts", "pairs"))
     print(f"lit-ft pairs: {counts['pairs']:,} pairs from {counts['prompts']:,} prompts in "
           f"{time.perf_counter() - began:.0f} s -> {args.out} ({detail})")

@@ -15,7 +15,7 @@ from lit_ft.data.preference_formats import detect_preference_format
 from lit_ft.data.synthetic import split_facts
 from lit_ft.errors import ConfigError
 from lit_ft.rl.rewards import GoldReward
-from lit_ft.tools.pairs import embedded_rows, load_judge, main, ranked_pairs
+from lit_ft.tools.pairs import embedded_rows, load_judge, main, pair_prompt, ranked_pairs
 from tests.quantised_loading import fails_in_one_line, sft_model_with_random_b
 from tests.tiny_models import TINY
 
@@ -47,6 +47,25 @@ def test_ranked_pairs_by_hand() -> None:
     nan, inf = float("nan"), float("inf")
     assert ranked_pairs(["a", "b", "c", "d"], [nan, 1, nan, inf]) == []  # unscored responses are not compared
     assert ranked_pairs(["a", "b", "c"], [nan, 1, 0]) == [("b", "c", 1.0, 0.0)]
+
+
+def test_pair_prompts_render_as_the_policy_was_prompted(tokenizer) -> None:
+    """An Alpaca prompt stays instruction + input; a chat prompt becomes the conversation before the answer; both
+    are read back by the preference formats as the same prompt tokens the policy saw."""
+    from lit_ft.data.preference_formats import tokenize_pair
+    from lit_ft.tools.generate import build_prompts
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Sum 3 and 4"}, {"role": "assistant", "content": "7"}]
+    assert pair_prompt({"instruction": "Q", "input": "x", "task": "t", "output": "A"}, "alpaca") == {
+        "instruction": "Q", "input": "x", "task": "t"}
+    assert pair_prompt({"prompt": "Q"}, "alpaca") == {"instruction": "Q", "input": ""}
+    assert pair_prompt({"messages": messages}, "chat") == {"prompt": messages[:3]}
+    for row, fmt in (({"instruction": "What is 3 + 4?", "input": ""}, "alpaca"), ({"messages": messages}, "chat")):
+        [prompt] = build_prompts([row], tokenizer, fmt, "builtin" if fmt == "chat" else None)
+        record = {**pair_prompt(row, fmt), "chosen": "7", "rejected": "8"}
+        pair = tokenize_pair(record, tokenizer, chat_template="builtin" if fmt == "chat" else None)
+        assert pair.prompt_ids == prompt.input_ids, fmt
 
 
 def test_the_judge_is_a_class_path_and_a_bad_one_is_a_config_error() -> None:
