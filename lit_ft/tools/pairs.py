@@ -60,7 +60,6 @@ from lit_ft.tools.generate import (
 from lit_ft.tools.loading import add_loading_flags, base_spec, describe, load_with_adapter
 
 
-
 def ranked_pairs(responses: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str, float, float]]:
     """(chosen, rejected, chosen score, rejected score) for every two distinct responses with different scores.
 
