@@ -170,7 +170,7 @@ def test_hyperparameters_describe_the_source_as_plain_data(tmp_path: Path) -> No
                                                   "corpus": {"extra_facts": 2000, "sentences_per_doc": 6},
                                                   "pairs": {"labels": "gold", "kinds": ["style", "correctness", "cross"],
                                                             "misses": ["swap", "off_by_one"], "rejected_per_fact": 1, "extra_facts": 0},
-                                                  "prompts": {"tasks": None, "balance_tasks": False}}}
+                                                  "prompts": {"tasks": None, "balance_tasks": False, "extra_facts": 0}}}
     assert dm.hparams["max_seq_length"] == 64 and InstructionDataModule("a.jsonl").hparams["source"] == "a.jsonl"
     torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "x.ckpt")
     assert _load(tmp_path / "x.ckpt")["datamodule_hyper_parameters"]["source"] == dm.hparams["source"]
