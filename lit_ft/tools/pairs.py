@@ -202,9 +202,10 @@ def write_pairs(model: Any, tokenizer: Any, rows: list[dict], prompts: list[Prom
                 found = ranked_pairs(texts[span], scores[span])
                 counts["prompts"] += 1
                 counts["prompts without a pair"] += not found
+                fields = pair_prompt(row, fmt) if found else {}
                 for chosen, rejected, high, low in found:
-                    record = pair_prompt(row, fmt)
-                    record.update(chosen=chosen, rejected=rejected, chosen_score=high, rejected_score=low)
+                    record = {**fields, "chosen": chosen, "rejected": rejected, "chosen_score": high,
+                              "rejected_score": low}
                     file.write(json.dumps(record) + "\n")
                     counts["pairs"] += 1
                     counts[f"scores {high:g} > {low:g}"] += 1
